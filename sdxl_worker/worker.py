@@ -1,0 +1,130 @@
+"""The job's path, in order: validate -> resolve LoRAs (cache) -> apply -> generate -> restore -> encode output.
+
+One ``Worker`` per process holds the pipelines (loaded once), the LoRA disk and RAM caches and the patcher.
+Downloads and parsing run in threads outside the pipeline lock, so with ``MAX_CONCURRENCY`` > 1 one job's
+LoRA fetch overlaps another job's generation; everything that touches the pipeline runs under the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from sdxl_worker.errors import JobError
+from sdxl_worker.generation import generate
+from sdxl_worker.input_image import load_init_image
+from sdxl_worker.lora.cache import LoraCache, ResolvedLora
+from sdxl_worker.lora.formats import ParsedLora, load_lora
+from sdxl_worker.lora.patcher import LoraPatcher
+from sdxl_worker.lora.ram_cache import LoraRamCache
+from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
+from sdxl_worker.output import encode_images, upload_enabled
+from sdxl_worker.progress import JobProgress
+from sdxl_worker.validation import JobParams, validate_job_input
+
+LOG = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Milliseconds per named phase of one job."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1000, 2)
+
+
+class Worker:
+    """Serves jobs on pipelines loaded once; see the module docstring for the order of the steps."""
+
+    def __init__(self, pipes: Pipelines, lora_cache: LoraCache, ram_cache: LoraRamCache) -> None:
+        self.pipes = pipes
+        self.lora_cache = lora_cache
+        self.ram_cache = ram_cache
+        self.patcher = LoraPatcher(pipes.base)
+        self._pipeline_lock = asyncio.Lock()
+
+    @classmethod
+    def from_env(cls) -> "Worker":
+        """Load the models chosen by the environment and open the LoRA caches."""
+        device, dtype = pick_device_and_dtype()
+        pipes = load_pipelines(choose_models(), device, dtype)
+        return cls(pipes, LoraCache.from_env(), LoraRamCache.from_env())
+
+    async def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Serve one RunPod job; errors come back as ``{"error": ...}`` and the worker keeps serving."""
+        job_id = str(job.get("id", "local"))
+        try:
+            return await self._run(job_id, job)
+        except JobError as error:
+            LOG.warning("job %s failed: %s", job_id, error)
+            return {"error": str(error)}
+        except Exception as error:  # noqa: BLE001 - the caller gets a message, the log keeps the traceback
+            LOG.exception("job %s failed unexpectedly", job_id)
+            return {"error": f"Internal error: {type(error).__name__}: {error}"}
+
+    async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
+        timer = PhaseTimer()
+        progress = JobProgress(job)
+        with timer.phase("validate"):
+            params = validate_job_input(job.get("input"), self.lora_cache.settings.max_per_request)
+            upload_enabled()
+        init_image = None
+        if params.image_url is not None:
+            with timer.phase("load_image"):
+                init_image = await asyncio.to_thread(load_init_image, params.image_url, self.lora_cache.settings)
+        with timer.phase("lora_fetch"):
+            resolved = await asyncio.to_thread(self.lora_cache.resolve_all, params.loras, progress.message)
+        with self.lora_cache.in_use(resolved):
+            with timer.phase("lora_load"):
+                parsed = await asyncio.to_thread(self._parse_loras, resolved)
+            seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+            async with self._pipeline_lock:
+                images, reports = await asyncio.to_thread(self._generate, params, seed, init_image, parsed,
+                                                          progress, timer)
+        with timer.phase("encode"):
+            encoded = await asyncio.to_thread(encode_images, images, job_id)
+        output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
+        if params.loras:
+            output["loras"] = [self._lora_report(item, report) for item, report in zip(resolved, reports)]
+        LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)
+        return output
+
+    def _parse_loras(self, resolved: list[ResolvedLora]) -> list[ParsedLora]:
+        return [self.ram_cache.get_or_load(item.sha256, lambda item=item: load_lora(item.path, item.sha256))
+                for item in resolved]
+
+    def _generate(self, params: JobParams, seed: int, init_image, parsed: list[ParsedLora],
+                  progress: JobProgress, timer: PhaseTimer):
+        loras = [(lora, request.scale, request.label) for lora, request in zip(parsed, params.loras)]
+        with timer.phase("lora_apply"):
+            reports = self.patcher.apply(loras)
+        try:
+            with timer.phase("generate"):
+                images = generate(self.pipes, params, seed, init_image, progress.denoising_step)
+        finally:
+            with timer.phase("lora_restore"):
+                self.patcher.restore()
+        return images, reports
+
+    @staticmethod
+    def _lora_report(item: ResolvedLora, report: Any) -> dict[str, Any]:
+        return {
+            "source": item.request.source,
+            "label": item.request.label,
+            "scale": item.request.scale,
+            "cache_hit": item.cache_hit,
+            "sha256": item.sha256,
+            "fetch_ms": round(item.fetch_ms, 2),
+            **report.as_dict(),
+        }

@@ -1,0 +1,65 @@
+"""Helpers for tests that run the real worker on the embedded tiny SDXL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from runpod.serverless.modules.rp_job import run_job
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_URI_PREFIX = "data:image/png;base64,"
+SMALL_JOB: dict[str, Any] = {
+    "prompt": "a lighthouse at dusk",
+    "negative_prompt": "blurry",
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 3,
+    "scheduler": "K_EULER",
+    "seed": 7,
+}
+
+
+def small_job(**overrides: Any) -> dict[str, Any]:
+    """A fast job input for the tiny model, with ``overrides`` applied."""
+    return {**SMALL_JOB, **overrides}
+
+
+def run_through_sdk(handler, job_input: Any, job_id: str = "test-job") -> dict[str, Any]:
+    """Run one job through the runpod SDK's own ``run_job``, as the serverless loop and --test_input do."""
+    return asyncio.run(run_job(handler, {"id": job_id, "input": job_input}))
+
+
+def png_from_data_uri(uri: str) -> bytes:
+    assert uri.startswith(DATA_URI_PREFIX), uri[:40]
+    return base64.b64decode(uri[len(DATA_URI_PREFIX):])
+
+
+def image_from_png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess on the tiny model with its LoRA cache in ``cache_dir``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RUNPOD_", "BUCKET_"))}
+    env.update(SDXL_MODEL="tiny", LORA_CACHE_DIR=str(cache_dir), LORA_ALLOW_PRIVATE_HOSTS="1",
+               PYTHONPATH=str(PROJECT_ROOT), **extra)
+    return env
+
+
+PYTHON = sys.executable
