@@ -1,0 +1,404 @@
+"""The LoRA disk cache: a ``LoraRequest`` -> a verified local file or PEFT folder, fetched at most once across the
+processes and machines that share the cache folder (settings and variables: ``lora.settings``).
+
+Layout of ``LORA_CACHE_DIR``::
+
+    <key>/manifest.json, weights.<ext> or adapter/   a downloaded entry; <key> = LoraRequest.cache_key
+    my_style.safetensors, my_peft_folder/           placed by hand: addressable by name, never evicted or counted
+    .locks/<key>.lock                               per-entry fetch lock (``locking``)
+    .leases/<key>/*.lease                           entries held by running jobs (``leases``)
+    .tmp-<key>-<random>/                            fetches in progress, with an ``.owner`` record
+    .trash-<random>/                                entries being deleted
+
+URL or Hugging Face source:
+
+1. Hit, without lock or network: the manifest parses, the file has the recorded size, and its sha256 is checked
+   per ``LORA_VERIFY_ON_HIT``. Default ``first``: a full re-hash the first time this process uses the entry (so a
+   new process detects flipped bytes), then only when the file's size, mtime or inode change, so later hits cost a
+   ``stat``. A failed check, or a requested ``sha256`` that differs from the manifest's, means a re-fetch.
+2. Miss: take the entry lock (others wait, logging ``wait``, and then find the entry), look again, fetch into
+   ``.tmp-…`` (``http_download`` or ``hub_download``), check the file (``file_checks``) and the requested sha256,
+   write the manifest, fsync, rename the folder to ``<key>``. A crash at any point leaves nothing under a final
+   name; a later ``LoraCache`` removes the leftovers (``housekeeping.clean_leftovers``). Then, above
+   ``LORA_CACHE_MAX_GB``, least recently used entries are evicted (``housekeeping.Evictor``), never one leased by
+   ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
+   ``in_use``).
+
+Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it). A downloaded entry's
+folder is verified like a hit; a hand-placed file or PEFT folder is checked (``file_checks``) and hashed the first
+time this process sees it, and again when its size, mtime or inode change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.file_checks import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    WEIGHT_EXTENSIONS,
+    check_weights_file,
+    choose_extension,
+    peft_weights,
+    sha256_file,
+)
+from sdxl_worker.lora.housekeeping import (
+    KEY_PATTERN,
+    Evictor,
+    clean_leftovers,
+    scan_entries,
+    trash,
+)
+from sdxl_worker.lora.http_download import download_url, url_filename
+from sdxl_worker.lora.hub_download import fetch_from_hub
+from sdxl_worker.lora.leases import Leases
+from sdxl_worker.lora.locking import EntryLock, describe_owner
+from sdxl_worker.lora.manifest import (
+    Manifest,
+    fsync_path,
+    read_manifest,
+    write_manifest,
+)
+from sdxl_worker.lora.owners import Heartbeat, owner_record
+from sdxl_worker.lora.redact import public_url, scrub
+from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.lora.transfer_progress import TransferProgress, format_size
+from sdxl_worker.lora.url_safety import resolve_in_cache
+
+__all__ = ["CacheSettings", "LoraCache", "ResolvedLora"]
+
+LOG = logging.getLogger(__name__)
+TOUCH_INTERVAL_S = 10.0
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    """A LoRA ready to load: ``path`` is a weights file or a PEFT folder inside the cache."""
+
+    request: LoraRequest
+    path: Path
+    sha256: str             # of the weights file (for PEFT folders: of the adapter weights file)
+    size_bytes: int
+    cache_hit: bool
+    display_name: str
+    fetch_ms: float
+    entry_key: str | None = None   # the downloaded entry; None for files placed by hand
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    kind: str
+    path: str
+    weights: str
+    sha256: str
+    display_name: str
+    source: str
+    etag: str | None = None
+    commit: str | None = None
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class LoraCache:
+    """The shared LoRA disk cache; thread-safe, one per process is enough."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+        self.root = settings.cache_dir
+        for folder in (".locks", ".leases"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        self._real_root = self.root.resolve()
+        self._heartbeat = Heartbeat(settings.heartbeat_s)
+        self._leases = Leases(self.root / ".leases", self._heartbeat, settings.lease_stale_s)
+        self._lock = threading.Lock()
+        self._verified: dict[Path, tuple[int, int, int]] = {}
+        self._local: dict[tuple[Path, int, int, int], tuple[str, int]] = {}
+        self._in_use: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held)
+        clean_leftovers(self.root, settings)
+
+    @classmethod
+    def from_env(cls) -> LoraCache:
+        """A cache configured by the environment (``CacheSettings.from_env``)."""
+        return cls(CacheSettings.from_env())
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def resolve(self, request: LoraRequest, progress: Progress | None = None) -> ResolvedLora:
+        """Find or fetch one LoRA; ``LoraError`` ``"loras[i] (label): cause"`` on any failure, nothing cached then."""
+        return self._resolve(request, progress, frozenset())
+
+    def resolve_all(self, requests: Iterable[LoraRequest], progress: Progress | None = None) -> list[ResolvedLora]:
+        """Resolve in order; the first failure ends the whole call. Earlier entries are kept from eviction."""
+        resolved: list[ResolvedLora] = []
+        for request in requests:
+            protect = frozenset(item.entry_key for item in resolved if item.entry_key)
+            resolved.append(self._resolve(request, progress, protect))
+        return resolved
+
+    @contextmanager
+    def in_use(self, resolved: Iterable[ResolvedLora]) -> Iterator[None]:
+        """Protect these entries from eviction, by this and every other process, until the block ends."""
+        keys = [item.entry_key for item in resolved if item.entry_key]
+        with self._lock:
+            self._in_use.update(keys)
+        leases: list[Path] = []
+        try:
+            for key in keys:
+                leases.append(self._leases.take(key))
+            yield
+        finally:
+            for lease in leases:
+                self._leases.drop(lease)
+            with self._lock:
+                self._in_use.subtract(keys)
+                self._in_use = +self._in_use
+
+    def stats(self) -> dict[str, object]:
+        """Entries and bytes of downloaded entries, the budget, hand-placed entries, and this process's counters."""
+        entries = scan_entries(self.root)
+        hand_placed = [child for child in self.root.iterdir()
+                       if not child.name.startswith(".") and not KEY_PATTERN.match(child.name)]
+        with self._lock:
+            counts = dict(self._counts)
+        return {"root": str(self.root), "entries": len(entries), "size_bytes": sum(entry.size for entry in entries),
+                "budget_bytes": self.settings.cache_max_bytes, "user_entries": len(hand_placed),
+                **{name: counts.get(name, 0) for name in ("hits", "misses", "waits", "evictions")}}
+
+    # -- resolution -------------------------------------------------------------------------------------------
+
+    def _held(self, key: str) -> bool:
+        with self._lock:
+            return self._in_use[key] > 0
+
+    def _shown(self, request: LoraRequest) -> str:
+        return scrub(request.label, self.settings.secrets)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    def _resolve(self, request: LoraRequest, progress: Progress | None, protect: frozenset[str]) -> ResolvedLora:
+        start = time.perf_counter()
+        prefix = f"loras[{request.index}] ({self._shown(request)})"
+        try:
+            if request.kind == "cache":
+                resolved = self._resolve_by_name(request)
+            else:
+                resolved = self._resolve_remote(request, TransferProgress(progress, prefix), protect)
+        except LoraError as error:
+            raise LoraError(scrub(f"{prefix}: {error}", self.settings.secrets)) from None
+        except OSError as error:
+            raise LoraError(scrub(f"{prefix}: LoRA cache I/O error ({type(error).__name__}: {error.strerror})",
+                                  self.settings.secrets)) from None
+        return dataclasses.replace(resolved, fetch_ms=(time.perf_counter() - start) * 1000)
+
+    def _resolve_remote(self, request: LoraRequest, report: TransferProgress,
+                        protect: frozenset[str]) -> ResolvedLora:
+        key = request.cache_key
+        entry = self.root / key
+        hit = self._hit(entry, request)
+        if hit is not None:
+            return hit
+
+        def on_wait(owner: dict | None) -> None:
+            self._count("waits")
+            LOG.info("lora wait %s [%s]: %s is fetching it", self._shown(request), key, describe_owner(owner))
+            report.message("waiting for another worker to finish downloading it")
+
+        lock = EntryLock(self.root / ".locks" / f"{key}.lock", self._heartbeat, self.settings.lock_stale_s,
+                         self.settings.lock_wait_s)
+        lock.acquire(on_wait)
+        try:
+            hit = self._hit(entry, request)
+            if hit is not None:
+                return hit
+            self._count("misses")
+            LOG.info("lora miss %s [%s]: fetching", self._shown(request), key)
+            resolved = self._fetch(request, entry, report)
+        finally:
+            lock.release()
+        evicted = self._evictor.evict(protect | {key})
+        with self._lock:
+            self._counts["evictions"] += evicted
+        return resolved
+
+    def _hit(self, entry: Path, request: LoraRequest) -> ResolvedLora | None:
+        manifest = read_manifest(entry)
+        if manifest is None:
+            return None
+        if request.sha256 and request.sha256 != manifest.sha256:
+            LOG.info("lora entry %s holds sha256 %s…, the request asks for %s…: re-fetching", entry.name,
+                     manifest.sha256[:12], request.sha256[:12])
+            return None
+        if not self._verify(entry / manifest.weights, manifest):
+            LOG.warning("lora entry %s failed verification (size or sha256 changed): re-fetching", entry.name)
+            return None
+        self._touch(entry, manifest)
+        self._count("hits")
+        LOG.info("lora hit %s [%s]", self._shown(request), entry.name)
+        return ResolvedLora(request, entry / manifest.path, manifest.sha256, manifest.size, True,
+                            manifest.display_name, 0.0, entry.name)
+
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self._real_root)
+
+    def _verify(self, weights: Path, manifest: Manifest) -> bool:
+        try:
+            stamp = _stamp(weights)
+        except FileNotFoundError:
+            return False
+        if stamp[1] != manifest.size or not self._inside(weights):
+            return False
+        mode = self.settings.verify_on_hit
+        if mode == "changed" and stamp[2] == manifest.mtime_ns:
+            return True
+        with self._lock:
+            if mode == "first" and self._verified.get(weights) == stamp:
+                return True
+        if sha256_file(weights) != manifest.sha256:
+            return False
+        with self._lock:
+            self._verified[weights] = stamp
+        return True
+
+    def _touch(self, entry: Path, manifest: Manifest) -> None:
+        now = time.time()
+        if now - manifest.last_used_at < TOUCH_INTERVAL_S:
+            return
+        try:
+            write_manifest(entry, dataclasses.replace(manifest, last_used_at=now))
+        except OSError:
+            LOG.debug("could not update last_used_at of %s", entry.name, exc_info=True)
+
+    def _resolve_by_name(self, request: LoraRequest) -> ResolvedLora:
+        path = resolve_in_cache(self.root, request.source)
+        if not path.exists():
+            raise LoraError(f"no entry named '{request.source}' in the LoRA cache")
+        manifest = read_manifest(path) if path.is_dir() else None
+        if manifest is not None:
+            if not self._verify(path / manifest.weights, manifest):
+                raise LoraError("the cache entry failed verification (its file changed or is corrupt)")
+            sha256, size, target = manifest.sha256, manifest.size, path / manifest.path
+            self._touch(path, manifest)
+        else:
+            sha256, size = self._hand_placed_digest(path)
+            target = path
+        if request.sha256 and request.sha256 != sha256:
+            raise LoraError(f"sha256 mismatch: expected {request.sha256}, the cached file has {sha256}")
+        self._count("hits")
+        LOG.info("lora hit %s (cache name)", self._shown(request))
+        return ResolvedLora(request, target, sha256, size, True, path.name, 0.0,
+                            path.name if manifest is not None and KEY_PATTERN.match(path.name) else None)
+
+    def _hand_placed_digest(self, path: Path) -> tuple[str, int]:
+        if path.is_dir():
+            weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+            if weights is None:
+                raise LoraError(f"'{path.name}' is neither a downloaded entry nor a PEFT adapter folder "
+                                f"({PEFT_CONFIG} with {' or '.join(PEFT_WEIGHTS)})")
+            inside = all(self._inside(child) for child in path.iterdir())
+        elif path.suffix.lower() in WEIGHT_EXTENSIONS:
+            weights, inside = path, True
+        else:
+            raise LoraError(f"unsupported file type '{path.suffix}' (expected one of {', '.join(WEIGHT_EXTENSIONS)})")
+        if not inside:
+            raise LoraError(f"'{path.name}' leads outside the LoRA cache")
+        memo_key = (weights, *_stamp(weights))
+        with self._lock:
+            known = self._local.get(memo_key)
+        if known is not None:
+            return known
+        if path.is_dir():
+            peft_weights(path)
+        else:
+            check_weights_file(path, path.suffix.lower())
+        result = (sha256_file(weights), memo_key[2])
+        with self._lock:
+            self._local[memo_key] = result
+        return result
+
+    # -- fetching ---------------------------------------------------------------------------------------------
+
+    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress) -> ResolvedLora:
+        work = self.root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
+        work.mkdir()
+        try:
+            (work / ".owner").write_text(json.dumps(owner_record()), encoding="utf-8")
+            staged = work / "entry"
+            staged.mkdir()
+            fetched = (self._fetch_url if request.kind == "url" else self._fetch_hub)(request, work, staged, report)
+            if request.sha256 and request.sha256 != fetched.sha256:
+                raise LoraError(f"sha256 mismatch: expected {request.sha256}, downloaded {fetched.sha256}")
+            weights = staged / fetched.weights
+            now = time.time()
+            manifest = Manifest(
+                key=entry.name, source=scrub(fetched.source, self.settings.secrets), kind=fetched.kind,
+                path=fetched.path, weights=fetched.weights, sha256=fetched.sha256, size=weights.stat().st_size,
+                mtime_ns=weights.stat().st_mtime_ns, display_name=fetched.display_name, downloaded_at=now,
+                last_used_at=now, revision=request.revision, weight_name=request.weight_name, etag=fetched.etag,
+                commit=fetched.commit)
+            for path in [*staged.rglob("*"), staged]:
+                fsync_path(path)
+            write_manifest(staged, manifest)
+            fsync_path(staged)
+            self._publish(staged, entry)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with self._lock:
+            self._verified[entry / manifest.weights] = _stamp(entry / manifest.weights)
+        LOG.info("lora stored %s [%s]: %s, %s", self._shown(request), entry.name, manifest.display_name,
+                 format_size(manifest.size))
+        return ResolvedLora(request, entry / manifest.path, manifest.sha256, manifest.size, False,
+                            manifest.display_name, 0.0, entry.name)
+
+    def _fetch_url(self, request: LoraRequest, work: Path, staged: Path, report: TransferProgress) -> _Fetched:
+        part = work / "download.part"
+        info = download_url(request.source, part, self.settings, report)
+        names = (info.filename, url_filename(info.final_url), url_filename(request.source))
+        extension = choose_extension(part, *names)
+        check_weights_file(part, extension)
+        name = f"weights{extension}"
+        os.rename(part, staged / name)
+        display = next((item for item in names if item), self._shown(request))
+        return _Fetched("file", name, name, info.sha256, display, public_url(request.source), info.etag)
+
+    def _fetch_hub(self, request: LoraRequest, work: Path, staged: Path, report: TransferProgress) -> _Fetched:
+        fetched = fetch_from_hub(request.source, request.revision, request.weight_name, work, self.settings, report)
+        if fetched.kind == "peft":
+            peft_weights(fetched.path)
+            os.rename(fetched.path, staged / "adapter")
+            weights = f"adapter/{fetched.weights.name}"
+            return _Fetched("peft", "adapter", weights, fetched.sha256, fetched.display_name, request.source,
+                            fetched.etag, fetched.commit)
+        extension = fetched.weights.suffix.lower()
+        check_weights_file(fetched.weights, extension)
+        name = f"weights{extension}"
+        os.rename(fetched.weights, staged / name)
+        return _Fetched("file", name, name, fetched.sha256, fetched.display_name, request.source, fetched.etag,
+                        fetched.commit)
+
+    def _publish(self, staged: Path, entry: Path) -> None:
+        if entry.exists() or entry.is_symlink():
+            trash(self.root, entry)
+        os.rename(staged, entry)
+        fsync_path(self.root)

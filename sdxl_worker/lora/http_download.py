@@ -1,0 +1,215 @@
+"""Stream one http(s) URL to a file, for LoRAs and for ``image_url``.
+
+- Streamed in 1 MiB chunks (never whole in memory), hashed with sha256 on the way, fsynced at the end.
+- Redirects are followed by hand (at most 10); every hop passes ``url_safety.check_url`` and connections are made
+  through ``url_safety.guarded_session``. ``Authorization`` is recomputed per hop, so a token never follows a
+  redirect to another host.
+- Connect/read timeouts; retries with exponential backoff (with jitter) on connection errors, timeouts, broken or
+  short bodies, 408, 429 and 5xx, honouring ``Retry-After`` (seconds or a date) capped at ``retry_wait_max_s``.
+- Size limit ``max_bytes``: checked against ``Content-Length`` before the body and while streaming.
+- ``CIVITAI_TOKEN`` goes only to Civitai hosts (``civitai.com``, ``civitai.green`` and their subdomains),
+  ``HF_TOKEN`` only to the ``HF_ENDPOINT`` host, both as ``Authorization: Bearer``.
+- Messages show URLs without query strings or credentials (``redact.redact_url``).
+Failures raise ``LoraError`` with the cause only; callers add which LoRA or field it was.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import requests
+
+from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.redact import QueryRedactingFilter, public_url, redact_url
+from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.lora.transfer_progress import format_size
+from sdxl_worker.lora.url_safety import check_url, guarded_session
+
+LOG = logging.getLogger(__name__)
+logging.getLogger("urllib3.connectionpool").addFilter(QueryRedactingFilter())
+MAX_REDIRECTS = 10
+CHUNK_BYTES = 1024 * 1024
+USER_AGENT = "sdxl-worker-lora/1"
+ByteProgress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class DownloadInfo:
+    """What a finished download wrote and what the server said about it."""
+
+    size: int
+    sha256: str
+    filename: str | None     # from Content-Disposition, sanitized to a bare file name
+    etag: str | None
+    final_url: str           # the last hop, without credentials or secret query parameters
+
+
+class _Retry(Exception):
+    def __init__(self, cause: str, wait_s: float | None = None) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.wait_s = wait_s
+
+
+def _host_matches(host: str, domains: tuple[str, ...]) -> bool:
+    return any(host == domain or host.endswith("." + domain) for domain in domains)
+
+
+def auth_header(url: str, settings: CacheSettings) -> dict[str, str]:
+    """The ``Authorization`` header this URL's host may receive: Civitai or HF token, or nothing."""
+    host = (urlsplit(url).hostname or "").lower()
+    if settings.civitai_token and _host_matches(host, settings.civitai_hosts):
+        return {"Authorization": f"Bearer {settings.civitai_token}"}
+    if settings.hf_token and host == (urlsplit(settings.hf_endpoint).hostname or "").lower():
+        return {"Authorization": f"Bearer {settings.hf_token}"}
+    return {}
+
+
+def _token_hint(url: str, settings: CacheSettings) -> str:
+    host = (urlsplit(url).hostname or "").lower()
+    if _host_matches(host, settings.civitai_hosts):
+        return ("CIVITAI_TOKEN was sent and refused; check that the key may download this model"
+                if settings.civitai_token else "set CIVITAI_TOKEN to a Civitai API key")
+    if host == (urlsplit(settings.hf_endpoint).hostname or "").lower():
+        return ("HF_TOKEN was sent and refused; check its access to this repo" if settings.hf_token
+                else "set HF_TOKEN to a Hugging Face token with access")
+    return "the URL needs credentials the worker does not send"
+
+
+def _status_message(status: int, url: str, settings: CacheSettings) -> str:
+    shown = redact_url(url)
+    if status in (401, 403):
+        return f"access denied (HTTP {status}) by {shown}: {_token_hint(url, settings)}"
+    if status in (404, 410):
+        return f"not found (HTTP {status}): {shown}"
+    return f"HTTP {status} from {shown}"
+
+
+def _retry_after(value: str | None, cap_s: float) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), cap_s)
+
+
+def disposition_filename(value: str | None) -> str | None:
+    """The bare file name a ``Content-Disposition`` header gives (``filename*`` or ``filename``), or ``None``."""
+    if not value:
+        return None
+    message = email.message.Message()
+    message["content-disposition"] = value
+    name = message.get_filename()
+    if not name:
+        return None
+    name = "".join(char for char in name.replace("\\", "/").rsplit("/", 1)[-1] if ord(char) >= 32).strip()
+    return name[:200] if name not in ("", ".", "..") else None
+
+
+def url_filename(url: str) -> str | None:
+    """The URL path's last segment, if it looks like a file name."""
+    segment = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    return segment if "." in segment.strip(".") else None
+
+
+def _content_length(response: requests.Response) -> int | None:
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    value = response.headers.get("Content-Length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _open(session: requests.Session, url: str, settings: CacheSettings) -> tuple[requests.Response, str]:
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        check_url(current, settings.allow_private_hosts)
+        headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT, **auth_header(current, settings)}
+        try:
+            response = session.get(current, headers=headers, stream=True, allow_redirects=False,
+                                   timeout=(settings.connect_timeout_s, settings.read_timeout_s))
+        except requests.Timeout:
+            raise _Retry(f"timed out (connect {settings.connect_timeout_s:g} s, read {settings.read_timeout_s:g} s)"
+                         f" on {redact_url(current)}") from None
+        except requests.ConnectionError:
+            raise _Retry(f"cannot connect to {redact_url(current)}") from None
+        except requests.RequestException as error:
+            raise LoraError(f"request to {redact_url(current)} failed ({type(error).__name__})") from None
+        if not response.is_redirect:
+            return response, current
+        response.close()
+        current = urljoin(current, response.headers["Location"])
+        LOG.debug("redirected to %s", redact_url(current))
+    raise LoraError(f"more than {MAX_REDIRECTS} redirects from {redact_url(url)}")
+
+
+def _attempt(session: requests.Session, url: str, target: Path, settings: CacheSettings,
+             progress: ByteProgress | None) -> DownloadInfo:
+    response, final_url = _open(session, url, settings)
+    with response:
+        status = response.status_code
+        if status in (408, 429) or status >= 500:
+            raise _Retry(f"HTTP {status} from {redact_url(final_url)}",
+                         _retry_after(response.headers.get("Retry-After"), settings.retry_wait_max_s))
+        if status != 200:
+            raise LoraError(_status_message(status, final_url, settings))
+        total = _content_length(response)
+        limit = f"over the limit of {format_size(settings.max_bytes)} (LORA_MAX_BYTES)"
+        if total is not None and total > settings.max_bytes:
+            raise LoraError(f"the file is {format_size(total)}, {limit}")
+        digest, done = hashlib.sha256(), 0
+        with target.open("wb") as out:
+            try:
+                for chunk in response.iter_content(CHUNK_BYTES):
+                    done += len(chunk)
+                    if done > settings.max_bytes:
+                        raise LoraError(f"the download passed {format_size(done)}, {limit}")
+                    out.write(chunk)
+                    digest.update(chunk)
+                    if progress is not None:
+                        progress(done, total)
+            except requests.RequestException as error:
+                raise _Retry(f"the connection broke after {format_size(done)} ({type(error).__name__})") from None
+            if total is not None and done != total:
+                raise _Retry(f"the body ended after {done} of {total} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+    return DownloadInfo(size=done, sha256=digest.hexdigest(),
+                        filename=disposition_filename(response.headers.get("Content-Disposition")),
+                        etag=response.headers.get("ETag"), final_url=public_url(final_url))
+
+
+def download_url(url: str, target: Path, settings: CacheSettings,
+                 progress: ByteProgress | None = None) -> DownloadInfo:
+    """Download ``url`` into ``target`` (created or truncated) under the rules of the module docstring."""
+    attempts, attempt = settings.download_retries + 1, 1
+    with guarded_session(settings.allow_private_hosts) as session:
+        while True:
+            try:
+                return _attempt(session, url, target, settings, progress)
+            except _Retry as retry:
+                if attempt >= attempts:
+                    raise LoraError(f"{retry.cause}; gave up after {attempts} attempts") from None
+                delay = retry.wait_s
+                if delay is None:
+                    delay = min(settings.retry_backoff_s * 2 ** (attempt - 1), settings.retry_wait_max_s)
+                    delay *= random.uniform(0.8, 1.2)
+                LOG.info("download of %s: %s; retry %d of %d in %.1f s", redact_url(url), retry.cause, attempt,
+                         attempts - 1, delay)
+                time.sleep(delay)
+                attempt += 1

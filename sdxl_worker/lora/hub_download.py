@@ -1,0 +1,208 @@
+"""Fetch a LoRA from a Hugging Face repo with ``huggingface_hub``, into a work folder the caller owns.
+
+- One listing call, ``HfApi.model_info(files_metadata=True)`` (``/api/models/{repo}[/revision/{rev}]``), gives the
+  file names, sizes, LFS sha256 and the commit; the downloads are pinned to that commit.
+- Which file: ``weight_name`` when given; else a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``
+  or ``.bin`` at the repo root), fetched as a folder; else the repo's single ``*.safetensors`` file, else its single
+  ``.bin``/``.pt``/``.ckpt`` file. Several candidates are an error that lists them.
+- ``hf_hub_download(local_dir=..., cache_dir=<empty folder>)`` inside the work folder: the default HF cache is
+  neither read nor written. ``endpoint`` (``HF_ENDPOINT``) and ``token`` (``HF_TOKEN`` only, never a login token
+  found on disk) are passed explicitly.
+- Sizes over ``max_bytes`` are refused from the listing, and while streaming. A file's sha256 must match the LFS
+  sha256 of the listing.
+- Connection errors, timeouts, 429 and 5xx are retried with backoff, ``download_retries`` times.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self, TypeVar
+
+import httpx2
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    FileMetadataError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.file_checks import (
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    WEIGHT_EXTENSIONS,
+    sha256_file,
+)
+from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.lora.transfer_progress import format_size
+
+LOG = logging.getLogger(__name__)
+ByteProgress = Callable[[int, int | None], None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HubFetch:
+    """What was fetched: a weights file, or a PEFT folder (``path``) with its weights file (``weights``)."""
+
+    kind: str               # "file" or "peft"
+    path: Path
+    weights: Path
+    sha256: str
+    display_name: str
+    commit: str | None
+    etag: str | None        # LFS sha256 or git blob id of the weights file
+
+
+class _ProgressBar:
+    """The ``tqdm_class`` handed to ``hf_hub_download``: reports bytes and stops a download over the limit."""
+
+    def __init__(self, report: ByteProgress | None, limit: int, total: int | None = None, initial: int = 0,
+                 **_: object) -> None:
+        self.report, self.limit, self.total, self.n = report, limit, total, initial
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        if self.n > self.limit:
+            raise LoraError(f"the download passed {format_size(self.n)}, over the limit of {format_size(self.limit)}"
+                            " (LORA_MAX_BYTES)")
+        if self.report is not None:
+            self.report(self.n, self.total)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _token_hint(settings: CacheSettings) -> str:
+    return ("HF_TOKEN was sent; check that it has access to this repo" if settings.hf_token
+            else "set HF_TOKEN to a token with access")
+
+
+def _describe(error: BaseException, repo_id: str, settings: CacheSettings) -> tuple[str, bool]:
+    """``(message, retryable)`` for an error of huggingface_hub or its HTTP client."""
+    if isinstance(error, GatedRepoError):
+        return f"'{repo_id}' is a gated repo: accept its conditions on the Hub and {_token_hint(settings)}", False
+    if isinstance(error, RepositoryNotFoundError):
+        return f"repo '{repo_id}' not found, or private/gated and {_token_hint(settings)}", False
+    if isinstance(error, RevisionNotFoundError):
+        return f"revision not found in '{repo_id}'", False
+    if isinstance(error, RemoteEntryNotFoundError):
+        return f"file not found in '{repo_id}'", False
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        if status in (401, 403):
+            return f"access denied (HTTP {status}) to '{repo_id}': {_token_hint(settings)}", False
+        return f"the Hub answered HTTP {status} for '{repo_id}'", status in (408, 429) or status >= 500
+    if isinstance(error, FileMetadataError):
+        return f"{settings.hf_endpoint} did not answer like a Hugging Face Hub (no X-Repo-Commit or ETag)", False
+    if isinstance(error, LocalEntryNotFoundError):
+        if error.__cause__ is not None:
+            return _describe(error.__cause__, repo_id, settings)
+        return f"cannot reach the Hub at {settings.hf_endpoint}", True
+    if isinstance(error, httpx2.TimeoutException):
+        return f"timed out talking to the Hub at {settings.hf_endpoint}", True
+    if isinstance(error, httpx2.TransportError):
+        return f"cannot connect to the Hub at {settings.hf_endpoint} ({type(error).__name__})", True
+    if isinstance(error, OSError):
+        return f"the download from '{repo_id}' failed ({type(error).__name__})", True
+    return f"unexpected error fetching '{repo_id}' ({type(error).__name__})", False
+
+
+def _with_retries(call: Callable[[], T], repo_id: str, settings: CacheSettings) -> T:
+    attempts, attempt = settings.download_retries + 1, 1
+    while True:
+        try:
+            return call()
+        except LoraError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure becomes a LoraError naming the cause
+            message, retryable = _describe(error, repo_id, settings)
+            if not retryable or attempt >= attempts:
+                suffix = f"; gave up after {attempts} attempts" if retryable else ""
+                raise LoraError(message + suffix) from None
+            delay = min(settings.retry_backoff_s * 2 ** (attempt - 1), settings.retry_wait_max_s)
+            delay *= random.uniform(0.8, 1.2)
+            LOG.info("Hub fetch of %s: %s; retry %d of %d in %.1f s", repo_id, message, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:10])
+    return shown + (f", … ({len(names) - 10} more)" if len(names) > 10 else "")
+
+
+def choose_files(names: list[str], weight_name: str | None, repo_id: str) -> tuple[str, list[str], str]:
+    """``(kind, files to download, weights file)`` for a repo's file list, by the rules of the module docstring."""
+    weights = sorted(name for name in names if name.lower().endswith(WEIGHT_EXTENSIONS))
+    if weight_name:
+        if weight_name not in names:
+            raise LoraError(f"'{weight_name}' is not in '{repo_id}'; its weight files: {_listing(weights) or 'none'}")
+        if not weight_name.lower().endswith(WEIGHT_EXTENSIONS):
+            raise LoraError(f"'{weight_name}' is not a weights file ({', '.join(WEIGHT_EXTENSIONS)})")
+        return "file", [weight_name], weight_name
+    if PEFT_CONFIG in names:
+        adapter = next((name for name in PEFT_WEIGHTS if name in names), None)
+        if adapter is not None:
+            return "peft", [PEFT_CONFIG, adapter], adapter
+    for extensions in ((".safetensors",), (".bin", ".pt", ".ckpt")):
+        found = [name for name in weights if name.lower().endswith(extensions)]
+        if len(found) == 1:
+            return "file", found, found[0]
+        if found:
+            raise LoraError(f"'{repo_id}' has {len(found)} candidate LoRA files; choose one with weight_name: "
+                            f"{_listing(found)}")
+    raise LoraError(f"'{repo_id}' has no .safetensors, .bin, .pt or .ckpt file")
+
+
+def fetch_from_hub(repo_id: str, revision: str | None, weight_name: str | None, workdir: Path,
+                   settings: CacheSettings, progress: ByteProgress | None = None) -> HubFetch:
+    """Download the LoRA of ``repo_id`` into ``workdir`` (which must be empty) and return what was fetched."""
+    token: str | bool = settings.hf_token or False
+    api = HfApi(endpoint=settings.hf_endpoint, token=token, library_name="sdxl-worker")
+    info = _with_retries(lambda: api.model_info(repo_id, revision=revision, files_metadata=True,
+                                                timeout=settings.read_timeout_s), repo_id, settings)
+    siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
+    kind, files, weights_name = choose_files(sorted(siblings), weight_name, repo_id)
+    total = sum((siblings[name].lfs.size if siblings[name].lfs else siblings[name].size) or 0 for name in files)
+    if total > settings.max_bytes:
+        raise LoraError(f"'{repo_id}' needs {format_size(total)}, over the limit of {format_size(settings.max_bytes)}"
+                        " (LORA_MAX_BYTES)")
+    pinned = info.sha or revision
+    local_dir = workdir / "files"
+    for name in files:
+        bar = functools.partial(_ProgressBar, progress if name == weights_name else None, settings.max_bytes)
+        _with_retries(lambda name=name, bar=bar: hf_hub_download(
+            repo_id, name, revision=pinned, local_dir=local_dir, cache_dir=workdir / "hf-cache",
+            endpoint=settings.hf_endpoint, token=token, etag_timeout=settings.connect_timeout_s,
+            library_name="sdxl-worker", tqdm_class=bar), repo_id, settings)
+    weights = local_dir / weights_name
+    sibling = siblings[weights_name]
+    digest = sha256_file(weights)
+    if sibling.lfs is not None and sibling.lfs.sha256 and sibling.lfs.sha256.lower() != digest:
+        raise LoraError(f"'{weights_name}' from '{repo_id}' does not match the Hub's sha256 (corrupted download)")
+    etag = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
+    if kind == "file":
+        return HubFetch("file", weights, weights, digest, Path(weights_name).name, pinned, etag)
+    folder = workdir / "peft"
+    folder.mkdir()
+    for name in files:
+        shutil.move(local_dir / name, folder / name)
+    return HubFetch("peft", folder, folder / weights_name, digest, repo_id, pinned, etag)
