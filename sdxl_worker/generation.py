@@ -40,9 +40,13 @@ SCHEDULER_CLASSES = {
 }
 
 
+# PNDM's Runge-Kutta warm-up breaks below a few steps; Stable Diffusion's own configs skip it, and so do we.
+SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {"PNDM": {"skip_prk_steps": True}}
+
+
 def make_scheduler(name: str, config: dict[str, Any]):
     """A new scheduler of the named kind (worker-sdxl's names) from the model's scheduler config."""
-    return SCHEDULER_CLASSES[name].from_config(config)
+    return SCHEDULER_CLASSES[name].from_config(config, **SCHEDULER_OVERRIDES.get(name, {}))
 
 
 def _step_reporter(on_step: StepCallback, offset: int, total: int):

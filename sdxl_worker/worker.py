@@ -8,19 +8,23 @@ LoRA fetch overlaps another job's generation; everything that touches the pipeli
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
-from sdxl_worker.errors import JobError
+from PIL import Image
+
+from sdxl_worker.errors import JobError, LoraError
 from sdxl_worker.generation import generate
 from sdxl_worker.input_image import load_init_image
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
-from sdxl_worker.lora.formats import ParsedLora, load_lora
-from sdxl_worker.lora.patcher import LoraPatcher
-from sdxl_worker.lora.ram_cache import LoraRamCache
+from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
+from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.lora.parsing import PEFT_CONFIG, ParsedLora, load_lora
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output import encode_images, upload_enabled
 from sdxl_worker.progress import JobProgress
@@ -87,26 +91,40 @@ class Worker:
             resolved = await asyncio.to_thread(self.lora_cache.resolve_all, params.loras, progress.message)
         with self.lora_cache.in_use(resolved):
             with timer.phase("lora_load"):
-                parsed = await asyncio.to_thread(self._parse_loras, resolved)
+                loaded = await asyncio.to_thread(self._load_all, resolved)
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
             async with self._pipeline_lock:
-                images, reports = await asyncio.to_thread(self._generate, params, seed, init_image, parsed,
+                images, reports = await asyncio.to_thread(self._generate, params, seed, init_image, loaded,
                                                           progress, timer)
         with timer.phase("encode"):
             encoded = await asyncio.to_thread(encode_images, images, job_id)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
         if params.loras:
-            output["loras"] = [self._lora_report(item, report) for item, report in zip(resolved, reports)]
+            output["loras"] = [lora_report(item, report) for item, report in zip(loaded, reports)]
+            for entry in output["loras"]:
+                LOG.info("job %s LoRA %s", job_id, entry)
         LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)
         return output
 
-    def _parse_loras(self, resolved: list[ResolvedLora]) -> list[ParsedLora]:
-        return [self.ram_cache.get_or_load(item.sha256, lambda item=item: load_lora(item.path, item.sha256))
-                for item in resolved]
+    def _load_all(self, resolved: list[ResolvedLora]) -> list[LoadedLora]:
+        loaded = []
+        for item in resolved:
+            start = time.perf_counter()
+            parsed, ram_hit = self.ram_cache.get_or_load(ram_cache_key(item), lambda item=item: self._parse(item))
+            loaded.append(LoadedLora(item, parsed, ram_hit, (time.perf_counter() - start) * 1000))
+        return loaded
 
-    def _generate(self, params: JobParams, seed: int, init_image, parsed: list[ParsedLora],
-                  progress: JobProgress, timer: PhaseTimer):
-        loras = [(lora, request.scale, request.label) for lora, request in zip(parsed, params.loras)]
+    def _parse(self, item: ResolvedLora) -> ParsedLora:
+        try:
+            return load_lora(item.path, item.sha256, unet_config=self.pipes.base.unet.config,
+                             device=self.pipes.device, dtype=self.pipes.dtype)
+        except LoraError as error:
+            raise LoraError(f"loras[{item.request.index}] ({item.request.label}): {error}") from None
+
+    def _generate(self, params: JobParams, seed: int, init_image: Image.Image | None, loaded: list[LoadedLora],
+                  progress: JobProgress, timer: PhaseTimer) -> tuple[list[Image.Image], list[ApplyReport]]:
+        loras = [(item.parsed, item.resolved.request.scale,
+                  f"loras[{item.resolved.request.index}] ({item.resolved.request.label})") for item in loaded]
         with timer.phase("lora_apply"):
             reports = self.patcher.apply(loras)
         try:
@@ -117,14 +135,37 @@ class Worker:
                 self.patcher.restore()
         return images, reports
 
-    @staticmethod
-    def _lora_report(item: ResolvedLora, report: Any) -> dict[str, Any]:
-        return {
-            "source": item.request.source,
-            "label": item.request.label,
-            "scale": item.request.scale,
-            "cache_hit": item.cache_hit,
-            "sha256": item.sha256,
-            "fetch_ms": round(item.fetch_ms, 2),
-            **report.as_dict(),
-        }
+
+@dataclass(frozen=True)
+class LoadedLora:
+    """A resolved LoRA parsed (or found in the RAM cache) and ready to apply."""
+
+    resolved: ResolvedLora
+    parsed: ParsedLora
+    ram_hit: bool
+    load_ms: float
+
+
+def ram_cache_key(item: ResolvedLora) -> str:
+    """Content identity of a LoRA: the weights' sha256, plus the adapter config's for PEFT folders."""
+    if item.path.is_dir():
+        config = hashlib.sha256((item.path / PEFT_CONFIG).read_bytes()).hexdigest()
+        return f"{item.sha256}:{config}"
+    return item.sha256
+
+
+def lora_report(item: LoadedLora, report: ApplyReport) -> dict[str, Any]:
+    """The per-LoRA entry of a job's output."""
+    request = item.resolved.request
+    return {
+        "source": request.source,
+        "label": request.label,
+        "scale": request.scale,
+        "file": item.resolved.display_name,
+        "cache_hit": item.resolved.cache_hit,
+        "ram_cache_hit": item.ram_hit,
+        "sha256": item.resolved.sha256,
+        "fetch_ms": round(item.resolved.fetch_ms, 2),
+        "load_ms": round(item.load_ms, 2),
+        **report.as_dict(),
+    }
