@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
 import time
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from sdxl_worker.input_image import load_init_image
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
 from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
 from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.lora.requests import parse_lora_requests
 from sdxl_worker.lora.parsing import PEFT_CONFIG, ParsedLora, load_lora
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output import encode_images, upload_enabled
@@ -59,11 +61,23 @@ class Worker:
         self._pipeline_lock = asyncio.Lock()
 
     @classmethod
-    def from_env(cls) -> "Worker":
-        """Load the models chosen by the environment and open the LoRA caches."""
+    def from_env(cls) -> Worker:
+        """Load the models chosen by the environment, open the LoRA caches and preload ``PRELOAD_LORAS``."""
         device, dtype = pick_device_and_dtype()
         pipes = load_pipelines(choose_models(), device, dtype)
-        return cls(pipes, LoraCache.from_env(), LoraRamCache.from_env())
+        worker = cls(pipes, LoraCache.from_env(), LoraRamCache.from_env())
+        preload = [source.strip() for source in os.environ.get("PRELOAD_LORAS", "").split(",") if source.strip()]
+        if preload:
+            worker.preload(preload)
+        return worker
+
+    def preload(self, sources: list[str]) -> None:
+        """Fetch and parse LoRAs into the disk and RAM caches before the first job; a bad source stops the start."""
+        requests, errors = parse_lora_requests(sources, max_per_request=len(sources))
+        if errors:
+            raise ValueError("PRELOAD_LORAS: " + "; ".join(errors))
+        loaded = self._load_all(self.lora_cache.resolve_all(requests))
+        LOG.info("preloaded %d LoRA(s): %s", len(loaded), [item.resolved.display_name for item in loaded])
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Serve one RunPod job; errors come back as ``{"error": ...}`` and the worker keeps serving."""

@@ -30,15 +30,13 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 UNSUPPORTED_TYPES = {
-    "hada_": "LoHa (LyCORIS)",
-    "lokr_": "LoKr (LyCORIS)",
-    "dora_scale": "DoRA",
-    "lora_magnitude_vector": "DoRA",
-    "oft_": "OFT",
-    "ia3_": "IA3",
-    ".diff": "full-weight difference (LyCORIS 'full')",
-    "w_norm": "GLoRA / norm-tuning (LyCORIS)",
-    ".b_norm": "GLoRA / norm-tuning (LyCORIS)",
+    re.compile(r"\.hada_"): "LoHa (LyCORIS)",
+    re.compile(r"\.lokr_"): "LoKr (LyCORIS)",
+    re.compile(r"dora_scale|lora_magnitude_vector"): "DoRA",
+    re.compile(r"\.oft_"): "OFT",
+    re.compile(r"\.ia3_|\.ia3\b"): "IA3",
+    re.compile(r"\.diff(_b)?$"): "full-weight difference (LyCORIS 'full')",
+    re.compile(r"\.(w_norm|b_norm)$"): "norm tuning (LyCORIS)",
 }
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight", ".lora_linear_layer.down.weight")
 _UP_OF_DOWN = {".lora_down.weight": ".lora_up.weight", ".lora.down.weight": ".lora.up.weight",
@@ -130,8 +128,8 @@ def _read_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _refuse_unsupported(keys: list[str], name: str) -> None:
-    for marker, kind in UNSUPPORTED_TYPES.items():
-        if any(marker in key for key in keys):
+    for pattern, kind in UNSUPPORTED_TYPES.items():
+        if any(pattern.search(key) for key in keys):
             raise LoraError(f"{name}: {kind} weights are not supported; only plain LoRA (low-rank up/down) files are")
 
 

@@ -1,0 +1,218 @@
+"""Applying LoRAs on the embedded tiny SDXL: formats agree, diffusers agrees, restoration is bit for bit."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.fusion import LoraPatcher
+from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.lora.parsing import LoraFactors, ParsedLora, load_lora
+from tests.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
+                              write_peft_folder, write_sd15_shaped)
+
+ALL = ("unet", "text_encoder", "text_encoder_2")
+CHECKED = ("unet", "text_encoder", "text_encoder_2", "vae")
+
+
+@pytest.fixture
+def pipe(tiny_model_dir):
+    """A fresh float32 tiny pipeline per test (tests here change weights on purpose)."""
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": value.detach().clone()
+            for name in CHECKED for key, value in getattr(pipe, name).state_dict().items()}
+
+
+def assert_bit_identical(pipe, reference: dict[str, torch.Tensor]) -> None:
+    current = snapshot(pipe)
+    assert current.keys() == reference.keys()
+    changed = [key for key in reference if not torch.equal(current[key], reference[key])]
+    assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
+
+
+def render(pipe, seed: int = 5, **kwargs) -> np.ndarray:
+    return pipe("a harbour at night", height=64, width=64, num_inference_steps=3, output_type="np",
+                generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+
+
+def parse(path, unet_config=None) -> ParsedLora:
+    return load_lora(path, sha256=path.name, unet_config=unet_config)
+
+
+def test_kohya_diffusers_old_diffusers_and_peft_forms_patch_the_same_bits(pipe, tmp_path):
+    factors = canonical_factors(pipe, ("unet",), rank=4, seed=1, alpha=2.0)
+    forms = [write_kohya(tmp_path / "k.safetensors", factors), write_diffusers(tmp_path / "d.safetensors", factors),
+             write_old_diffusers(tmp_path / "o.safetensors", factors), write_peft_folder(tmp_path / "peft", factors)]
+    patcher = LoraPatcher(pipe)
+    images, weights = [], []
+    for path in forms:
+        with patcher.applied([(parse(path, pipe.unet.config), 0.7, path.name)]) as reports:
+            assert reports[0].modules_patched == {"unet": len(factors)}
+            weights.append(snapshot(pipe))
+            images.append(render(pipe))
+    for other_weights, other_image in zip(weights[1:], images[1:]):
+        assert all(torch.equal(weights[0][key], other_weights[key]) for key in weights[0])
+        assert np.array_equal(images[0], other_image)
+
+
+def test_text_encoder_forms_agree(pipe, tmp_path):
+    factors = canonical_factors(pipe, ALL, rank=3, seed=2, alpha=1.5)
+    kohya = parse(write_kohya(tmp_path / "k.safetensors", factors), pipe.unet.config)
+    diffusers_form = parse(write_diffusers(tmp_path / "d.safetensors", factors), pipe.unet.config)
+    old = parse(write_old_diffusers(tmp_path / "o.safetensors", factors), pipe.unet.config)
+    patcher = LoraPatcher(pipe)
+    results = []
+    for lora in (kohya, diffusers_form, old):
+        with patcher.applied([(lora, 1.0, "form")]) as reports:
+            counts = reports[0].modules_patched
+            results.append(snapshot(pipe))
+        assert counts == {c: sum(1 for comp, _ in factors if comp == c) for c in ALL}
+    for other in results[1:]:
+        assert all(torch.equal(results[0][key], other[key]) for key in results[0])
+
+
+def test_two_loras_match_diffusers_unfused_set_adapters_within_one_level(pipe, tiny_model_dir, tmp_path):
+    first = write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=3, up_std=0.2))
+    second = write_kohya(tmp_path / "b.safetensors", canonical_factors(pipe, ("unet",), rank=8, seed=4, up_std=0.2))
+    with LoraPatcher(pipe).applied([(parse(first, pipe.unet.config), 0.8, "a"),
+                                    (parse(second, pipe.unet.config), 1.2, "b")]):
+        ours = render(pipe)
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(first), adapter_name="a")
+    reference.load_lora_weights(str(second), adapter_name="b")
+    reference.set_adapters(["a", "b"], adapter_weights=[0.8, 1.2])
+    theirs = render(reference)
+    baseline = render(pipe)
+    assert np.abs(ours - baseline).max() > 0.05, "the LoRAs must visibly change the image"
+    assert np.abs(ours - theirs).max() <= 1 / 255
+
+
+def test_scale_zero_gives_the_baseline_image(pipe, tmp_path):
+    lora = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=5)),
+                 pipe.unet.config)
+    baseline = render(pipe)
+    with LoraPatcher(pipe).applied([(lora, 0.0, "zero")]) as reports:
+        assert reports[0].skipped_zero_scale
+        assert np.array_equal(render(pipe), baseline)
+
+
+def poisoned(lora: ParsedLora) -> ParsedLora:
+    """The same LoRA with its last UNet module's factors on the meta device: applying fails midway, for real."""
+    components = {name: dict(modules) for name, modules in lora.components.items()}
+    last = sorted(components["unet"])[-1]
+    factors = components["unet"][last]
+    components["unet"][last] = LoraFactors(down=factors.down.to("meta"), up=factors.up.to("meta"))
+    return ParsedLora(sha256=lora.sha256 + "-poisoned", components=components)
+
+
+def test_fifty_random_jobs_with_failures_leave_every_weight_bit_identical(pipe, tmp_path):
+    reference = snapshot(pipe)
+    baseline = render(pipe)
+    config = pipe.unet.config
+    loras = [
+        parse(write_kohya(tmp_path / "unet.safetensors", canonical_factors(pipe, ("unet",), 4, seed=10)), config),
+        parse(write_kohya(tmp_path / "all.safetensors", canonical_factors(pipe, ALL, 8, seed=11, alpha=4)), config),
+        parse(write_kohya(tmp_path / "conv.safetensors",
+                          canonical_factors(pipe, ("unet",), 2, seed=12, convs=True)), config),
+        parse(write_diffusers(tmp_path / "te.safetensors", canonical_factors(pipe, ALL[1:], 4, seed=13)), config),
+    ]
+    assert any(f.down.dim() == 4 for f in loras[2].components["unet"].values())
+    patcher = LoraPatcher(pipe)
+    rng = random.Random(2026)
+    failures = {"generation": 0, "apply": 0}
+    for _ in range(50):
+        chosen = [(lora, rng.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.0]), f"l{i}")
+                  for i, lora in enumerate(rng.sample(loras, rng.randint(1, len(loras))))]
+        mode = rng.choice(["ok", "ok", "generation", "apply"])
+        if mode == "apply":
+            chosen.append((poisoned(loras[0]), 1.0, "poisoned"))
+        try:
+            with patcher.applied(chosen):
+                pipe.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 64),
+                          added_cond_kwargs={"text_embeds": torch.randn(1, 32), "time_ids": torch.randn(1, 6)})
+                if mode == "generation":
+                    raise RuntimeError("injected failure during generation")
+        except (RuntimeError, NotImplementedError):
+            failures[mode] += 1
+    assert failures["generation"] > 0 and failures["apply"] > 0
+    assert_bit_identical(pipe, reference)
+    assert np.array_equal(render(pipe), baseline)
+
+
+def test_sd15_lora_is_rejected_with_counts_before_any_weight_changes(pipe, tmp_path):
+    reference = snapshot(pipe)
+    lora = parse(write_sd15_shaped(tmp_path / "sd15.safetensors"), pipe.unet.config)
+    good = parse(write_kohya(tmp_path / "g.safetensors", canonical_factors(pipe, ("unet",), 2, seed=6)),
+                 pipe.unet.config)
+    with pytest.raises(LoraError, match=r"sd15: only 0/3 LoRA modules match this SDXL model"):
+        LoraPatcher(pipe).apply([(good, 1.0, "good"), (lora, 1.0, "sd15")])
+    assert_bit_identical(pipe, reference)
+
+
+def test_shape_mismatch_is_reported(pipe, tmp_path):
+    factors = canonical_factors(pipe, ("unet",), 2, seed=7)
+    (component, name), (down, up, alpha) = next(iter(factors.items()))
+    factors[(component, name)] = (torch.randn(2, down.shape[1] + 1), up, alpha)
+    lora = parse(write_kohya(tmp_path / "bad.safetensors", factors), pipe.unet.config)
+    with pytest.raises(LoraError, match=r"do not fit the weight's shape"):
+        LoraPatcher(pipe).apply([(lora, 1.0, "bad")])
+
+
+@pytest.mark.parametrize("marker, kind", [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA")])
+def test_lycoris_and_dora_files_get_an_error_naming_the_type(tmp_path, marker, kind):
+    path = tmp_path / f"{kind}.safetensors"
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.{marker}": torch.randn(4, 4), f"{key}.lora_down.weight": torch.randn(2, 64),
+               f"{key}.lora_up.weight": torch.randn(64, 2)}, str(path))
+    with pytest.raises(LoraError, match=kind):
+        parse(path)
+
+
+def test_a_checkpoint_without_lora_weights_is_rejected(tmp_path):
+    path = tmp_path / "not-a-lora.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)}, str(path))
+    with pytest.raises(LoraError, match="no LoRA weights"):
+        parse(path)
+
+
+def test_peft_dora_folder_is_refused(pipe, tmp_path):
+    folder = write_peft_folder(tmp_path / "dora", canonical_factors(pipe, ("unet",), 2, seed=8))
+    config = (folder / "adapter_config.json").read_text().replace('"peft_type"', '"use_dora": true, "peft_type"')
+    (folder / "adapter_config.json").write_text(config)
+    with pytest.raises(LoraError, match="DoRA"):
+        parse(folder)
+
+
+def test_ram_cache_returns_the_same_object_and_evicts_least_recently_used(pipe, tmp_path):
+    parsed = {seed: parse(write_kohya(tmp_path / f"{seed}.safetensors",
+                                      canonical_factors(pipe, ("unet",), 4, seed=seed)), pipe.unet.config)
+              for seed in (1, 2, 3)}
+    cache = LoraRamCache(budget_bytes=int(parsed[1].nbytes * 2.5))
+    loads = []
+
+    def loader(seed):
+        loads.append(seed)
+        return parsed[seed]
+
+    first, hit = cache.get_or_load("1", lambda: loader(1))
+    again, hit_again = cache.get_or_load("1", lambda: loader(1))
+    assert first is again and not hit and hit_again and loads == [1]
+    cache.get_or_load("2", lambda: loader(2))
+    cache.get_or_load("1", lambda: loader(1))      # 1 is now the most recently used
+    cache.get_or_load("3", lambda: loader(3))      # over budget: 2 goes
+    assert cache.nbytes <= cache.budget_bytes
+    cache.get_or_load("1", lambda: loader(1))
+    cache.get_or_load("2", lambda: loader(2))
+    assert loads == [1, 2, 3, 2]
