@@ -1,8 +1,9 @@
 """The job's path, in order: validate -> resolve LoRAs (cache) -> apply -> generate -> restore -> encode output.
 
 One ``Worker`` per process holds the pipelines (loaded once), the LoRA disk and RAM caches and the patcher.
-Downloads and parsing run in threads outside the pipeline lock, so with ``MAX_CONCURRENCY`` > 1 one job's
-LoRA fetch overlaps another job's generation; everything that touches the pipeline runs under the lock.
+Downloads and parsing run in worker threads, so with ``MAX_CONCURRENCY`` > 1 one job's LoRA fetch overlaps another
+job's generation. Everything that touches the pipeline (apply, generate, restore) runs on one dedicated thread,
+which serializes jobs and keeps PyTorch's CPU thread pool warm from job to job.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -58,7 +60,7 @@ class Worker:
         self.lora_cache = lora_cache
         self.ram_cache = ram_cache
         self.patcher = LoraPatcher(pipes.base)
-        self._pipeline_lock = asyncio.Lock()
+        self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
 
     @classmethod
     def from_env(cls) -> Worker:
@@ -76,7 +78,7 @@ class Worker:
         requests, errors = parse_lora_requests(sources, max_per_request=len(sources))
         if errors:
             raise ValueError("PRELOAD_LORAS: " + "; ".join(errors))
-        loaded = self._load_all(self.lora_cache.resolve_all(requests))
+        loaded = self.load_all(self.lora_cache.resolve_all(requests))
         LOG.info("preloaded %d LoRA(s): %s", len(loaded), [item.resolved.display_name for item in loaded])
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -105,11 +107,10 @@ class Worker:
             resolved = await asyncio.to_thread(self.lora_cache.resolve_all, params.loras, progress.message)
         with self.lora_cache.in_use(resolved):
             with timer.phase("lora_load"):
-                loaded = await asyncio.to_thread(self._load_all, resolved)
+                loaded = await asyncio.to_thread(self.load_all, resolved)
             seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-            async with self._pipeline_lock:
-                images, reports = await asyncio.to_thread(self._generate, params, seed, init_image, loaded,
-                                                          progress, timer)
+            images, reports = await asyncio.get_running_loop().run_in_executor(
+                self._pipeline_thread, self._generate, params, seed, init_image, loaded, progress, timer)
         with timer.phase("encode"):
             encoded = await asyncio.to_thread(encode_images, images, job_id)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
@@ -120,7 +121,7 @@ class Worker:
         LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)
         return output
 
-    def _load_all(self, resolved: list[ResolvedLora]) -> list[LoadedLora]:
+    def load_all(self, resolved: list[ResolvedLora]) -> list[LoadedLora]:
         loaded = []
         for item in resolved:
             start = time.perf_counter()

@@ -1,0 +1,219 @@
+"""The six measurements, each a ratio of two paths timed alternately in one process (medians of ``runs``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+from bench.paths import JobShape, our_job, plain_download, plain_generate, plain_job, reference_job, timed
+from sdxl_worker.lora.cache import LoraCache
+from sdxl_worker.lora.http_download import download_url
+from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.lora.parsing import load_lora
+from sdxl_worker.lora.requests import parse_lora_requests
+from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.worker import Worker
+
+LOG = logging.getLogger(__name__)
+RAM_BUDGET = 4 * 1024**3
+SCALE = 0.8
+
+
+@dataclass
+class Setup:
+    """Everything the measurements share."""
+
+    worker: Worker
+    shape: JobShape
+    memory_shape: JobShape
+    files: dict[str, Path]
+    base_url: str
+    workdir: Path
+    runs: int
+    memory_jobs: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.worker.pipes.device
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{self.files[name].name}"
+
+    def fresh_caches(self) -> None:
+        """A new, empty disk cache folder and RAM cache for the worker: the next LoRA is cold."""
+        folder = Path(tempfile.mkdtemp(prefix="cache-", dir=self.workdir))
+        self.worker.lora_cache = LoraCache(cache_settings(folder))
+        self.worker.ram_cache = LoraRamCache(RAM_BUDGET)
+
+
+def cache_settings(folder: Path) -> CacheSettings:
+    return CacheSettings.from_env({"LORA_CACHE_DIR": str(folder), "LORA_ALLOW_PRIVATE_HOSTS": "1"})
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def per_job_overhead(setup: Setup) -> dict[str, float]:
+    """Figure 1 (LoRA overhead per cache tier, ours vs reference) and figure 3 (job without LoRAs)."""
+    pipe, device, shape = setup.worker.pipes.base, setup.device, setup.shape
+    lora = [{"path": setup.url("rank32_unet"), "scale": SCALE}]
+    times: dict[str, list[float]] = {name: [] for name in
+                                      ("ours_none", "plain_none", "ours_cold", "ours_disk", "ours_ram",
+                                       "ref_cold", "ref_disk")}
+    downloaded = setup.workdir / "reference-download.safetensors"
+    for run in range(setup.runs + 1):
+        measured = {
+            "ours_none": timed(device, lambda: our_job(setup.worker, shape))[0],
+            "plain_none": timed(device, lambda: plain_job(pipe, shape, device))[0],
+        }
+        setup.fresh_caches()
+        measured["ours_cold"] = timed(device, lambda: our_job(setup.worker, shape, lora))[0]
+        measured["ref_cold"] = timed(device, lambda: reference_job(pipe, shape, device, downloaded, SCALE,
+                                                                   url=setup.url("rank32_unet")))[0]
+        setup.worker.ram_cache = LoraRamCache(RAM_BUDGET)
+        measured["ours_disk"] = timed(device, lambda: our_job(setup.worker, shape, lora))[0]
+        measured["ref_disk"] = timed(device, lambda: reference_job(pipe, shape, device, setup.files["rank32_unet"],
+                                                                   SCALE))[0]
+        measured["ours_ram"] = timed(device, lambda: our_job(setup.worker, shape, lora))[0]
+        if run == 0:
+            continue  # warm-up
+        for name, value in measured.items():
+            times[name].append(value)
+        LOG.info("overhead run %d: %s", run, {k: round(v, 1) for k, v in measured.items()})
+    med = {name: median(values) for name, values in times.items()}
+    result = {f"job_ms_{name}": round(value, 2) for name, value in med.items()}
+    for tier in ("cold", "disk", "ram"):
+        result[f"overhead_ms_ours_{tier}"] = round(med[f"ours_{tier}"] - med["ours_none"], 2)
+    for tier in ("cold", "disk"):
+        result[f"overhead_ms_reference_{tier}"] = round(med[f"ref_{tier}"] - med["plain_none"], 2)
+    result["overhead_ratio_cold_vs_reference"] = ratio(result["overhead_ms_ours_cold"],
+                                                       result["overhead_ms_reference_cold"])
+    result["overhead_ratio_disk_vs_reference"] = ratio(result["overhead_ms_ours_disk"],
+                                                       result["overhead_ms_reference_disk"])
+    result["overhead_ratio_ram_vs_reference"] = ratio(result["overhead_ms_ours_ram"],
+                                                      result["overhead_ms_reference_disk"])
+    result["no_lora_job_ratio"] = ratio(med["ours_none"], med["plain_none"])
+    return result
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 4) if denominator > 0 else float("nan")
+
+
+def _step_times(pipe, shape: JobShape, device: torch.device) -> float:
+    """Milliseconds per denoising step, from the first to the last step's end (text encoding and VAE excluded)."""
+    marks: list[float] = []
+
+    def mark(_pipe, _step, _timestep, kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        return kwargs
+
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    pipe(prompt="a lighthouse", height=shape.height, width=shape.width, num_inference_steps=shape.steps,
+         generator=torch.Generator(device=device).manual_seed(shape.seed), output_type="latent",
+         callback_on_step_end=mark)
+    return (marks[-1] - marks[0]) * 1000 / (len(marks) - 1)
+
+
+def step_time(setup: Setup) -> dict[str, float]:
+    """Figure 2: denoising step time with LoRAs fused (ours) and unfused (reference) vs the base model."""
+    pipe, device, shape = setup.worker.pipes.base, setup.device, setup.shape
+    requests, _ = parse_lora_requests([setup.url("rank32_unet"), setup.url("rank128_all")], 8)
+    loaded = setup.worker.load_all(setup.worker.lora_cache.resolve_all(requests))
+    loras = [(item.parsed, 1.0, item.resolved.display_name) for item in loaded]
+    base, ours, unfused = [], [], []
+    for run in range(setup.runs + 1):
+        sample_base = _step_times(pipe, shape, device)
+        with setup.worker.patcher.applied(loras):
+            sample_ours = _step_times(pipe, shape, device)
+        pipe.load_lora_weights(str(setup.files["rank32_unet"]), adapter_name="step")
+        pipe.set_adapters(["step"], adapter_weights=[1.0])
+        sample_unfused = _step_times(pipe, shape, device)
+        pipe.unload_lora_weights()
+        if run:
+            base.append(sample_base)
+            ours.append(sample_ours)
+            unfused.append(sample_unfused)
+    return {"step_ms_base": round(median(base), 3), "step_ms_ours_lora": round(median(ours), 3),
+            "step_ms_reference_unfused_lora": round(median(unfused), 3),
+            "step_time_ratio": ratio(median(ours), median(base)),
+            "step_time_ratio_reference_unfused": ratio(median(unfused), median(base))}
+
+
+def disk_load(setup: Setup) -> dict[str, float]:
+    """Figure 4: a disk-cached LoRA (cache hit + parse onto the device) vs a raw safetensors read of the same file."""
+    worker, device = setup.worker, setup.device
+    requests, _ = parse_lora_requests([setup.url("rank32_unet")], 8)
+    worker.lora_cache.resolve(requests[0])
+    ours, raw = [], []
+    for run in range(setup.runs + 1):
+        def load():
+            resolved = worker.lora_cache.resolve(requests[0])
+            return load_lora(resolved.path, resolved.sha256, unet_config=worker.pipes.base.unet.config,
+                             device=device, dtype=worker.pipes.dtype)
+
+        sample_ours = timed(device, load)[0]
+        sample_raw = timed(device, lambda: load_file(str(setup.files["rank32_unet"]), device=str(device)))[0]
+        if run:
+            ours.append(sample_ours)
+            raw.append(sample_raw)
+    return {"disk_load_ms_ours": round(median(ours), 2), "raw_read_ms": round(median(raw), 2),
+            "disk_load_vs_raw_read_ratio": ratio(median(ours), median(raw))}
+
+
+def download(setup: Setup) -> dict[str, float]:
+    """Figure 5: our streaming download (checks, hashing, fsync) vs a plain requests copy from the same server."""
+    settings = cache_settings(setup.workdir)
+    url, size = setup.url("rank128_all"), setup.files["rank128_all"].stat().st_size
+    ours, plain = [], []
+    for run in range(setup.runs + 1):
+        target = setup.workdir / "download.bin"
+        sample_ours = timed(setup.device, lambda: download_url(url, target, settings))[0]
+        sample_plain = timed(setup.device, lambda: plain_download(url, target))[0]
+        target.unlink()
+        if run:
+            ours.append(sample_ours)
+            plain.append(sample_plain)
+    mb = size / 1e6
+    return {"download_mb": round(mb, 1), "download_mb_s_ours": round(mb / median(ours) * 1000, 1),
+            "download_mb_s_plain": round(mb / median(plain) * 1000, 1),
+            "download_vs_plain_copy_ratio": ratio(median(plain), median(ours))}
+
+
+def memory(setup: Setup) -> dict[str, float]:
+    """Figure 6: RSS (and GPU memory) over many jobs cycling through the cycle LoRAs; growth after warm-up."""
+    process = psutil.Process(os.getpid())
+    cycle = sorted(name for name in setup.files if name.startswith("cycle_"))
+    warm_up = max(1, setup.memory_jobs // 5)
+    rss, gpu = [], []
+    for job in range(setup.memory_jobs):
+        name = cycle[job % len(cycle)]
+        loras = [{"path": setup.url(name), "scale": 0.5 + (job % 3) * 0.25}] if job % 4 else None
+        our_job(setup.worker, setup.memory_shape, loras)
+        rss.append(process.memory_info().rss)
+        if setup.device.type == "cuda":
+            gpu.append(torch.cuda.memory_allocated(setup.device))
+    result = {"memory_jobs": setup.memory_jobs, "memory_loras": len(cycle), "memory_warm_up_jobs": warm_up,
+              "rss_mb_after_warmup": round(rss[warm_up - 1] / 1e6, 1), "rss_mb_peak": round(max(rss) / 1e6, 1),
+              "rss_growth_after_warmup": ratio(max(rss[warm_up:]) - rss[warm_up - 1], rss[warm_up - 1])}
+    if gpu:
+        result.update(gpu_mb_after_warmup=round(gpu[warm_up - 1] / 1e6, 1), gpu_mb_peak=round(max(gpu) / 1e6, 1),
+                      gpu_growth_after_warmup=ratio(max(gpu[warm_up:]) - gpu[warm_up - 1], gpu[warm_up - 1]))
+    return result
+
+
+def cleanup(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
