@@ -9,11 +9,17 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from safetensors.torch import save_file
+
 from tools.synthetic_lora import write_kohya_lora
+
+DOWNLOAD_PAYLOAD_BYTES = {"quick": 64 * 1024**2, "full": 256 * 1024**2}
 
 
 def write_bench_loras(pipe, folder: Path, full: bool, cycle_count: int) -> dict[str, Path]:
-    """``rank32_unet`` (UNet attention), ``rank128_all`` (UNet + both text encoders) and ``cycle_<i>`` files."""
+    """``rank32_unet`` (UNet attention), ``rank128_all`` (UNet + both text encoders), ``cycle_<i>`` files, and a
+    ``download_payload`` large enough to measure throughput."""
     unet = {"unet": pipe.unet}
     everything = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     files = {
@@ -21,6 +27,10 @@ def write_bench_loras(pipe, folder: Path, full: bool, cycle_count: int) -> dict[
         "rank128_all": write_kohya_lora(folder / "rank128_all.safetensors", everything, rank=128, seed=2,
                                         up_std=1e-3),
     }
+    payload_bytes = DOWNLOAD_PAYLOAD_BYTES["full" if full else "quick"]
+    payload = torch.randn(payload_bytes // 4, generator=torch.Generator().manual_seed(3))
+    files["download_payload"] = folder / "download_payload.safetensors"
+    save_file({"payload": payload}, str(files["download_payload"]))
     cycle_rank = 8 if full else 4
     for index in range(cycle_count):
         files[f"cycle_{index}"] = write_kohya_lora(folder / f"cycle_{index}.safetensors", unet, rank=cycle_rank,

@@ -1,9 +1,8 @@
 """One job through each path, timed: ours (the worker's ``run``) and the plain diffusers reference.
 
 The reference is what a LoRA worker usually does per job: download the file when it is not on disk, then
-``load_lora_weights``, ``fuse_lora`` (or ``set_adapters`` for the unfused variant), generate, ``unfuse_lora``,
-``unload_lora_weights``, and encode the PNG. Both paths generate with the same prompt, seed, size, steps and
-scheduler on the same pipeline object.
+``load_lora_weights``, ``fuse_lora``, generate, ``unfuse_lora``, ``unload_lora_weights``, and encode the PNG.
+Both paths generate with the same prompt, seed, size, steps and scheduler on the same pipeline object.
 """
 
 from __future__ import annotations
@@ -89,20 +88,25 @@ def plain_download(url: str, target: Path) -> int:
 
 
 def reference_job(pipe, shape: JobShape, device: torch.device, lora_file: Path, scale: float,
-                  url: str | None = None, fused: bool = True) -> str:
-    """The straightforward diffusers path for one job with one LoRA (downloading it first when ``url`` is given)."""
-    if url is not None:
-        plain_download(url, lora_file)
-    pipe.load_lora_weights(str(lora_file), adapter_name="job")
-    try:
-        if fused:
-            pipe.fuse_lora(lora_scale=scale, adapter_names=["job"])
-        else:
-            pipe.set_adapters(["job"], adapter_weights=[scale])
-        try:
-            return plain_job(pipe, shape, device)
-        finally:
-            if fused:
-                pipe.unfuse_lora()
-    finally:
+                  url: str | None = None) -> float:
+    """The straightforward diffusers path for one job with one LoRA; returns the ms spent on the LoRA itself.
+
+    Download (when ``url`` is given), ``load_lora_weights`` and ``fuse_lora`` before generation, ``unfuse_lora``
+    and ``unload_lora_weights`` after it, each timed with the device synchronized.
+    """
+    def attach() -> None:
+        if url is not None:
+            plain_download(url, lora_file)
+        pipe.load_lora_weights(str(lora_file), adapter_name="job")
+        pipe.fuse_lora(lora_scale=scale, adapter_names=["job"])
+
+    def detach() -> None:
+        pipe.unfuse_lora()
         pipe.unload_lora_weights()
+
+    before_ms, _ = timed(device, attach)
+    try:
+        plain_job(pipe, shape, device)
+    finally:
+        after_ms, _ = timed(device, detach)
+    return before_ms + after_ms

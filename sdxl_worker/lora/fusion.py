@@ -1,10 +1,11 @@
 """Apply several scaled LoRAs to an SDXL pipeline by fusing them into the weights, and restore them bit for bit.
 
-Design: for every module that any of the job's LoRAs touches, the original weight is copied once (on its own
-device), the sum of ``scale * up @ down`` over the LoRAs is computed in float32 and added to the weight in float32,
-then rounded once to the weight's dtype. ``restore`` copies the saved tensors back, so the weights are exactly the
-loaded ones again (a copy, not an inverse computation: no drift, however many jobs). The modules stay plain
-``nn.Linear``/``nn.Conv2d``, so denoising steps cost what they cost without LoRAs. Only touched weights are saved.
+Design: for every module that any of the job's LoRAs touches, a new weight tensor is computed as
+``W + sum(scale * up @ down)`` (in float32, rounded once to the weight's dtype) and swapped in as the parameter's
+data; the original tensor is kept aside untouched. ``restore`` swaps the originals back: no arithmetic, no copy,
+so the weights are exactly the loaded ones again however many jobs ran (unlike ``unfuse_lora``'s subtraction).
+The modules stay plain ``nn.Linear``/``nn.Conv2d``, so denoising steps cost what they cost without LoRAs. Extra
+memory while a job runs: one tensor per touched weight.
 
 Every LoRA is checked against the pipeline (modules found, shapes fit) before any weight changes. ``apply``
 restores whatever it already changed if it fails midway. Callers serialize pipeline use (one job at a time).
@@ -62,14 +63,17 @@ def _fits(module: torch.nn.Module, factors: LoraFactors) -> bool:
     return down.shape[2:] == weight.shape[2:]
 
 
-def _delta(weight: torch.Tensor, parts: list[tuple[LoraFactors, float]]) -> torch.Tensor:
-    """``sum(scale * up @ down)`` in float32, shaped like ``weight``."""
-    total = torch.zeros((weight.shape[0], weight[0].numel()), dtype=torch.float32, device=weight.device)
-    for factors, scale in parts:
-        down = factors.down.to(device=weight.device, dtype=torch.float32)
+def fused_weight(weight: torch.Tensor, parts: list[tuple[LoraFactors, float]]) -> torch.Tensor:
+    """A new tensor ``weight + sum(scale * up @ down)``, accumulated in float32, in ``weight``'s dtype and shape.
+
+    The first product is added out of place (reading the original once, writing the new tensor), the others in place.
+    """
+    fused = weight.detach().reshape(weight.shape[0], -1).float()
+    for index, (factors, scale) in enumerate(parts):
+        down = factors.down.to(device=weight.device, dtype=torch.float32).flatten(1)
         up = factors.up.to(device=weight.device, dtype=torch.float32).flatten(1)
-        total.addmm_(up, down.flatten(1), alpha=scale)
-    return total.view(weight.shape)
+        fused = torch.addmm(fused, up, down, alpha=scale) if index == 0 else fused.addmm_(up, down, alpha=scale)
+    return fused.to(weight.dtype).view(weight.shape)
 
 
 class LoraPatcher:
@@ -78,7 +82,7 @@ class LoraPatcher:
     def __init__(self, pipe: Any) -> None:
         self.components = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
         self._modules = {name: dict(module.named_modules()) for name, module in self.components.items()}
-        self._saved: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._originals: dict[torch.nn.Parameter, torch.Tensor] = {}
 
     def _find(self, component: str, path: str) -> torch.nn.Module | None:
         modules = self._modules.get(component, {})
@@ -117,7 +121,7 @@ class LoraPatcher:
     @torch.no_grad()
     def apply(self, loras: list[tuple[ParsedLora, float, str]]) -> list[ApplyReport]:
         """Check all LoRAs, then fuse them at their scales; on any failure the weights are restored first."""
-        if self._saved:
+        if self._originals:
             raise RuntimeError("LoRAs are already applied; restore() first")
         mapped = [self.check(lora, label) for lora, _, label in loras]
         reports, targets = [], {}
@@ -134,8 +138,12 @@ class LoraPatcher:
         try:
             for target in targets.values():
                 weight = target.module.weight
-                self._saved[weight] = weight.detach().clone()
-                weight.copy_(weight.float() + _delta(weight, target.parts))
+                fused = fused_weight(weight, target.parts)
+                self._originals[weight] = weight.data
+                weight.data = fused
+            if weight_device := next((t.module.weight.device for t in targets.values()), None):
+                if weight_device.type == "cuda":
+                    torch.cuda.synchronize(weight_device)  # so apply_ms is the real cost, not a kernel launch
         except BaseException:
             self.restore()
             raise
@@ -150,10 +158,10 @@ class LoraPatcher:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy every saved weight back: the pipeline is bit-identical to before ``apply``."""
-        while self._saved:
-            weight, original = self._saved.popitem()
-            weight.copy_(original)
+        """Put every original weight tensor back: the pipeline is bit-identical to before ``apply``."""
+        while self._originals:
+            weight, original = self._originals.popitem()
+            weight.data = original
 
     @contextmanager
     def applied(self, loras: list[tuple[ParsedLora, float, str]]) -> Iterator[list[ApplyReport]]:

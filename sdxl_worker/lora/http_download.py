@@ -1,6 +1,7 @@
 """Stream one http(s) URL to a file, for LoRAs and for ``image_url``.
 
-- Streamed in 1 MiB chunks (never whole in memory), hashed with sha256 on the way, fsynced at the end.
+- Streamed in 1 MiB chunks (never whole in memory), hashed with sha256 and written on a second thread while the
+  next chunk is read (``chunk_writer``), fsynced at the end.
 - Redirects are followed by hand (at most 10); every hop passes ``url_safety.check_url`` and connections are made
   through ``url_safety.guarded_session``. ``Authorization`` is recomputed per hop, so a token never follows a
   redirect to another host.
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import email.message
 import email.utils
-import hashlib
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import requests
 
 from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.chunk_writer import ChunkWriter
 from sdxl_worker.lora.redact import QueryRedactingFilter, public_url, redact_url
 from sdxl_worker.lora.settings import CacheSettings
 from sdxl_worker.lora.transfer_progress import format_size
@@ -172,24 +172,21 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
         limit = f"over the limit of {format_size(settings.max_bytes)} (LORA_MAX_BYTES)"
         if total is not None and total > settings.max_bytes:
             raise LoraError(f"the file is {format_size(total)}, {limit}")
-        digest, done = hashlib.sha256(), 0
-        with target.open("wb") as out:
+        done = 0
+        with ChunkWriter(target) as sink:
             try:
                 for chunk in response.iter_content(CHUNK_BYTES):
                     done += len(chunk)
                     if done > settings.max_bytes:
                         raise LoraError(f"the download passed {format_size(done)}, {limit}")
-                    out.write(chunk)
-                    digest.update(chunk)
+                    sink.put(chunk)
                     if progress is not None:
                         progress(done, total)
             except requests.RequestException as error:
                 raise _Retry(f"the connection broke after {format_size(done)} ({type(error).__name__})") from None
             if total is not None and done != total:
                 raise _Retry(f"the body ended after {done} of {total} bytes")
-            out.flush()
-            os.fsync(out.fileno())
-    return DownloadInfo(size=done, sha256=digest.hexdigest(),
+    return DownloadInfo(size=done, sha256=sink.sha256,
                         filename=disposition_filename(response.headers.get("Content-Disposition")),
                         etag=response.headers.get("ETag"), final_url=public_url(final_url))
 

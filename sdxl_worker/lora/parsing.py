@@ -73,13 +73,13 @@ class ParsedLora:
         return sum(len(modules) for modules in self.components.values())
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
+            return load_file(str(path), device=str(device))
         if suffix in (".pt", ".bin", ".ckpt"):
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded = torch.load(str(path), map_location=device, weights_only=True)
             state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise LoraError(f"{path.name} does not hold a flat dict of tensors")
@@ -103,7 +103,7 @@ def _peft_scale(config: dict, module_path: str) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def _read_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
+def _read_peft_folder(folder: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
     """A PEFT adapter folder as ``<component>.<module>.lora_A/B.weight`` keys with the scale folded into B."""
     config = json.loads((folder / PEFT_CONFIG).read_text())
     if config.get("use_dora"):
@@ -114,7 +114,7 @@ def _read_peft_folder(folder: Path) -> dict[str, torch.Tensor]:
                     if (folder / name).is_file()), None)
     if weights is None:
         raise LoraError(f"{folder.name}: no adapter_model.safetensors in the PEFT folder")
-    raw = _read_file(weights)
+    raw = _read_file(weights, device)
     text_encoder = any("text_model." in key for key in raw)
     component = "text_encoder" if text_encoder else "unet"
     state = {}
@@ -176,8 +176,11 @@ def _pairs(state: dict[str, torch.Tensor]) -> tuple[dict[str, LoraFactors], list
 
 def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> ParsedLora:
-    """Parse the LoRA at ``path`` (file or PEFT folder) into factors on ``device`` in ``dtype``."""
-    state = _read_peft_folder(path) if path.is_dir() else _read_file(path)
+    """Parse the LoRA at ``path`` (file or PEFT folder) into factors on ``device`` in ``dtype``.
+
+    Tensors are read straight onto ``device``; only key names are converted, so no tensor goes through the CPU twice.
+    """
+    state = _read_peft_folder(path, device) if path.is_dir() else _read_file(path, device)
     if not state:
         raise LoraError(f"{path.name} holds no tensors")
     _refuse_unsupported(list(state), path.name)
