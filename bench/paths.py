@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,7 @@ def plain_job(pipe, shape: JobShape, device: torch.device) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def plain_download(url: str, target: Path) -> int:
+def plain_download(url: str, target: Path, fsync: bool = False) -> int:
     """A plain streaming copy with requests (1 MiB chunks), the baseline for download throughput."""
     size = 0
     with requests.get(url, stream=True, timeout=60) as response, open(target, "wb") as out:
@@ -84,6 +85,9 @@ def plain_download(url: str, target: Path) -> int:
         for chunk in response.iter_content(1024 * 1024):
             out.write(chunk)
             size += len(chunk)
+        if fsync:
+            out.flush()
+            os.fsync(out.fileno())
     return size
 
 

@@ -136,9 +136,13 @@ def _refuse_unsupported(keys: list[str], name: str) -> None:
 def _fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Multiply each up factor by ``alpha / rank`` and drop the ``.alpha`` keys."""
     folded = dict(state)
-    for key in [k for k in state if k.endswith(".alpha")]:
+    alpha_keys = [key for key in state if key.endswith(".alpha")]
+    if not alpha_keys:
+        return folded
+    # One device-to-host transfer for all alphas, not one synchronizing .item() per module.
+    alphas = torch.stack([folded.pop(key).float().reshape(()) for key in alpha_keys]).cpu().tolist()
+    for key, alpha in zip(alpha_keys, alphas):
         base = key[: -len(".alpha")]
-        alpha = float(folded.pop(key).float().item())
         down_key = next((base + s for s in _DOWN_SUFFIXES if base + s in folded), None)
         if down_key is None:
             continue
