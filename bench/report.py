@@ -47,15 +47,16 @@ def overhead_chart(results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tiers = ["cold", "disk", "ram"]
+    tiers = ["cold", "disk", "ram", "repeat"]
     ours = [max(results[f"overhead_ms_ours_{t}"], 0.1) for t in tiers]
     reference = [max(results.get(f"overhead_ms_reference_{t}", results["overhead_ms_reference_disk"]), 0.1)
                  for t in tiers]
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(8, 4))
     positions = range(len(tiers))
     axis.bar([p - 0.2 for p in positions], reference, width=0.4, label="plain diffusers path (per job)")
     axis.bar([p + 0.2 for p in positions], ours, width=0.4, label="this worker")
-    axis.set_xticks(list(positions), ["cold (HTTP)", "disk-cached", "RAM-cached\n(reference: disk)"])
+    axis.set_xticks(list(positions), ["cold (HTTP)", "disk-cached", "RAM-cached\n(ref: disk)",
+                                      "same set as\nlast job (ref: disk)"])
     axis.set_yscale("log")
     axis.set_ylabel("per-job LoRA overhead, ms (log)")
     axis.set_title(title)

@@ -59,7 +59,7 @@ class Worker:
         self.pipes = pipes
         self.lora_cache = lora_cache
         self.ram_cache = ram_cache
-        self.patcher = LoraPatcher(pipes.base)
+        self.patcher = LoraPatcher(pipes.base, reuse_fused=os.environ.get("LORA_REUSE_FUSED", "1") != "0")
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
 
     @classmethod
@@ -131,7 +131,7 @@ class Worker:
 
     def _parse(self, item: ResolvedLora) -> ParsedLora:
         try:
-            return load_lora(item.path, item.sha256, unet_config=self.pipes.base.unet.config,
+            return load_lora(item.path, ram_cache_key(item), unet_config=self.pipes.base.unet.config,
                              device=self.pipes.device, dtype=self.pipes.dtype)
         except LoraError as error:
             raise LoraError(f"loras[{item.request.index}] ({item.request.label}): {error}") from None

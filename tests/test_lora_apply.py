@@ -216,3 +216,21 @@ def test_ram_cache_returns_the_same_object_and_evicts_least_recently_used(pipe, 
     cache.get_or_load("1", lambda: loader(1))
     cache.get_or_load("2", lambda: loader(2))
     assert loads == [1, 2, 3, 2]
+
+
+def test_same_set_as_last_job_reuses_the_fused_weights_with_identical_results(pipe, tmp_path):
+    reference = snapshot(pipe)
+    lora = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=9)),
+                 pipe.unet.config)
+    reusing, recomputing = LoraPatcher(pipe), LoraPatcher(pipe, reuse_fused=False)
+    with recomputing.applied([(lora, 0.6, "a")]) as reports:
+        expected = render(pipe)
+        assert not reports[0].reused_fused
+    outcomes = []
+    for scale in (0.6, 0.6, 0.9, 0.6):
+        with reusing.applied([(lora, scale, "a")]) as reports:
+            outcomes.append((reports[0].reused_fused, render(pipe)))
+        assert_bit_identical(pipe, reference)
+    assert [reused for reused, _ in outcomes] == [False, True, False, False]
+    assert np.array_equal(outcomes[0][1], expected) and np.array_equal(outcomes[1][1], expected)
+    assert not np.array_equal(outcomes[2][1], expected)

@@ -7,6 +7,10 @@ so the weights are exactly the loaded ones again however many jobs ran (unlike `
 The modules stay plain ``nn.Linear``/``nn.Conv2d``, so denoising steps cost what they cost without LoRAs. Extra
 memory while a job runs: one tensor per touched weight.
 
+The fused tensors of the last LoRA set are kept after ``restore`` (``reuse_fused``): a job with the same LoRAs at the
+same scales swaps them in again without computing anything. They are the same bits a recomputation would give, and
+the originals are never touched, so exactness is unaffected; the cost is holding one set of touched weights.
+
 Every LoRA is checked against the pipeline (modules found, shapes fit) before any weight changes. ``apply``
 restores whatever it already changed if it fails midway. Callers serialize pipeline use (one job at a time).
 """
@@ -37,10 +41,12 @@ class ApplyReport:
     unmatched_keys: list[str]
     apply_ms: float = 0.0
     skipped_zero_scale: bool = False
+    reused_fused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"modules_patched": self.modules_patched, "unmatched_keys": self.unmatched_keys,
-                "apply_ms": round(self.apply_ms, 2), "skipped_zero_scale": self.skipped_zero_scale}
+                "apply_ms": round(self.apply_ms, 2), "skipped_zero_scale": self.skipped_zero_scale,
+                "reused_fused": self.reused_fused}
 
 
 @dataclass
@@ -79,10 +85,17 @@ def fused_weight(weight: torch.Tensor, parts: list[tuple[LoraFactors, float]]) -
 class LoraPatcher:
     """Fuses LoRAs into ``pipe.unet``, ``pipe.text_encoder`` and ``pipe.text_encoder_2``; restores exactly."""
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, reuse_fused: bool = True) -> None:
         self.components = {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
         self._modules = {name: dict(module.named_modules()) for name, module in self.components.items()}
         self._originals: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.reuse_fused = reuse_fused
+        self._kept_key: tuple | None = None
+        self._kept: dict[torch.nn.Parameter, torch.Tensor] = {}
+
+    def forget_fused(self) -> None:
+        """Drop the kept fused tensors of the last LoRA set (frees their memory)."""
+        self._kept_key, self._kept = None, {}
 
     def _find(self, component: str, path: str) -> torch.nn.Module | None:
         modules = self._modules.get(component, {})
@@ -134,13 +147,19 @@ class LoraPatcher:
                 for path, module in found.items():
                     target = targets.setdefault(id(module), _Target(module))
                     target.parts.append((lora.components[component][path], float(scale)))
+        key = tuple((lora.sha256, float(scale)) for lora, scale, _ in loras if scale != 0)
+        reused = self.reuse_fused and key == self._kept_key and bool(self._kept)
+        if targets and not reused:
+            self.forget_fused()
         start = time.perf_counter()
         try:
             for target in targets.values():
                 weight = target.module.weight
-                fused = fused_weight(weight, target.parts)
+                fused = self._kept[weight] if reused else fused_weight(weight, target.parts)
                 self._originals[weight] = weight.data
                 weight.data = fused
+            if self.reuse_fused and targets and not reused:
+                self._kept_key, self._kept = key, {weight: weight.data for weight in self._originals}
             if weight_device := next((t.module.weight.device for t in targets.values()), None):
                 if weight_device.type == "cuda":
                     torch.cuda.synchronize(weight_device)  # so apply_ms is the real cost, not a kernel launch
@@ -152,8 +171,9 @@ class LoraPatcher:
         for report in reports:
             share = 0 if report.skipped_zero_scale else sum(report.modules_patched.values()) / patched
             report.apply_ms = elapsed_ms * share
-            LOG.info("LoRA %s: patched %s, %d unmatched key(s), %.1f ms", report.label, report.modules_patched,
-                     len(report.unmatched_keys), report.apply_ms)
+            report.reused_fused = reused
+            LOG.info("LoRA %s: patched %s, %d unmatched key(s), %.1f ms%s", report.label, report.modules_patched,
+                     len(report.unmatched_keys), report.apply_ms, " (same set as last job: reused)" if reused else "")
         return reports
 
     @torch.no_grad()

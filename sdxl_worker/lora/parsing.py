@@ -60,7 +60,7 @@ class LoraFactors:
 class ParsedLora:
     """A LoRA ready to patch: factors per component (``unet``, ``text_encoder``, ``text_encoder_2``) and module path."""
 
-    sha256: str
+    sha256: str  # content identity: the weights' sha256 (plus the adapter config's hash for PEFT folders)
     components: dict[str, dict[str, LoraFactors]]
     unmatched_keys: list[str] = field(default_factory=list)
 
