@@ -1,9 +1,20 @@
 """The job's path, in order: validate -> resolve LoRAs (cache) -> apply -> generate -> restore -> encode output.
 
 One ``Worker`` per process holds the pipelines (loaded once), the LoRA disk and RAM caches and the patcher.
-Downloads and parsing run in worker threads, so with ``MAX_CONCURRENCY`` > 1 one job's LoRA fetch overlaps another
-job's generation. Everything that touches the pipeline (apply, generate, restore) runs on one dedicated thread,
-which serializes jobs and keeps PyTorch's CPU thread pool warm from job to job.
+Everything that touches the pipeline (apply, generate, restore) runs on one dedicated thread, which serializes jobs
+and keeps PyTorch's CPU thread pool warm from job to job.
+
+LoRA latency is hidden behind generation (``LORA_OVERLAP``, on by default). Downloads are awaited before the job
+takes the pipeline thread, so a slow download never holds up other jobs. Everything else (cache verification,
+reading, parsing, conversion, the copy to the device) runs on a loader thread while the pipeline encodes the prompt
+and prepares timesteps, latents and time ids; the LoRAs are fused right before the UNet's first call
+(``first_call.before_first_call``). The images are bit-identical to the sequential path: the text encoders and
+everything before the first UNet call do not depend on a UNet-only LoRA. When a LoRA also patches a text encoder,
+the first attempt stops at the UNet's first call and the job runs again in order (apply, then encode).
+
+Timings: ``lora_fetch`` and ``lora_load`` are the LoRA work wherever it ran; ``lora_wait`` + ``lora_apply`` +
+``lora_restore`` is what the LoRAs added to the job's latency (``lora_wait`` and ``lora_apply`` fall inside
+``generate`` when overlapped).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -22,13 +33,14 @@ from typing import Any, Iterator
 from PIL import Image
 
 from sdxl_worker.errors import JobError, LoraError
+from sdxl_worker.first_call import before_first_call
 from sdxl_worker.generation import generate
 from sdxl_worker.input_image import load_init_image
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
 from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
 from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.requests import parse_lora_requests
-from sdxl_worker.lora.parsing import PEFT_CONFIG, ParsedLora, load_lora
+from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests
+from sdxl_worker.lora.parsing import PEFT_CONFIG, TEXT_ENCODERS, ParsedLora, load_lora
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output import encode_images, upload_enabled
 from sdxl_worker.progress import JobProgress
@@ -60,7 +72,9 @@ class Worker:
         self.lora_cache = lora_cache
         self.ram_cache = ram_cache
         self.patcher = LoraPatcher(pipes.base, reuse_fused=os.environ.get("LORA_REUSE_FUSED", "1") != "0")
+        self.overlap_loras = os.environ.get("LORA_OVERLAP", "1") != "0"
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._loader_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-load")
 
     @classmethod
     def from_env(cls) -> Worker:
@@ -103,14 +117,13 @@ class Worker:
         if params.image_url is not None:
             with timer.phase("load_image"):
                 init_image = await asyncio.to_thread(load_init_image, params.image_url, self.lora_cache.settings)
-        with timer.phase("lora_fetch"):
-            resolved = await asyncio.to_thread(self.lora_cache.resolve_all, params.loras, progress.message)
-        with self.lora_cache.in_use(resolved):
-            with timer.phase("lora_load"):
-                loaded = await asyncio.to_thread(self.load_all, resolved)
-            seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
-            images, reports = await asyncio.get_running_loop().run_in_executor(
-                self._pipeline_thread, self._generate, params, seed, init_image, loaded, progress, timer)
+        pending = await self._start_loras(params.loras, progress, timer) if params.loras else None
+        if pending is not None and not self._overlaps(init_image):
+            with timer.phase("lora_wait"):
+                await asyncio.wrap_future(pending)  # the pipeline is taken only once the LoRAs are ready
+        seed = params.seed if params.seed is not None else secrets.randbelow(2**32)
+        images, loaded, reports = await asyncio.get_running_loop().run_in_executor(
+            self._pipeline_thread, self._generate, params, seed, init_image, pending, progress, timer)
         with timer.phase("encode"):
             encoded = await asyncio.to_thread(encode_images, images, job_id)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
@@ -122,6 +135,7 @@ class Worker:
         return output
 
     def load_all(self, resolved: list[ResolvedLora]) -> list[LoadedLora]:
+        """Parse resolved LoRAs onto the pipeline's device, through the RAM cache."""
         loaded = []
         for item in resolved:
             start = time.perf_counter()
@@ -136,19 +150,70 @@ class Worker:
         except LoraError as error:
             raise LoraError(f"loras[{item.request.index}] ({item.request.label}): {error}") from None
 
-    def _generate(self, params: JobParams, seed: int, init_image: Image.Image | None, loaded: list[LoadedLora],
-                  progress: JobProgress, timer: PhaseTimer) -> tuple[list[Image.Image], list[ApplyReport]]:
+    def _overlaps(self, init_image: Image.Image | None) -> bool:
+        """Whether the base UNet is the first model to need the LoRAs (not so for img2img through the refiner)."""
+        return self.overlap_loras and (init_image is None or self.pipes.refiner is None)
+
+    async def _start_loras(self, requests: list[LoraRequest], progress: JobProgress,
+                           timer: PhaseTimer) -> Future[list[LoadedLora]]:
+        """Start the job's LoRA work on a loader thread; downloads are awaited here, before the pipeline is taken."""
+        resolved = None
+        if not all(self.lora_cache.has_local_copy(request) for request in requests):
+            with timer.phase("lora_wait"), timer.phase("lora_fetch"):
+                resolved = await asyncio.to_thread(self.lora_cache.resolve_all, requests, progress.message)
+        return self._loader_threads.submit(self._fetch_and_load, requests, resolved, progress, timer)
+
+    def _fetch_and_load(self, requests: list[LoraRequest], resolved: list[ResolvedLora] | None,
+                        progress: JobProgress, timer: PhaseTimer) -> list[LoadedLora]:
+        if resolved is None:
+            with timer.phase("lora_fetch"):
+                resolved = self.lora_cache.resolve_all(requests, progress.message)
+        with self.lora_cache.in_use(resolved), timer.phase("lora_load"):
+            return self.load_all(resolved)
+
+    def _apply(self, loaded: list[LoadedLora], timer: PhaseTimer) -> list[ApplyReport]:
         loras = [(item.parsed, item.resolved.request.scale,
                   f"loras[{item.resolved.request.index}] ({item.resolved.request.label})") for item in loaded]
         with timer.phase("lora_apply"):
-            reports = self.patcher.apply(loras)
-        try:
+            return self.patcher.apply(loras)
+
+    def _generate(self, params: JobParams, seed: int, init_image: Image.Image | None,
+                  pending: Future[list[LoadedLora]] | None, progress: JobProgress,
+                  timer: PhaseTimer) -> tuple[list[Image.Image], list[LoadedLora], list[ApplyReport]]:
+        """On the pipeline thread: apply the LoRAs (at the UNet's first call when overlapping), generate, restore."""
+        def run_pipeline() -> list[Image.Image]:
             with timer.phase("generate"):
-                images = generate(self.pipes, params, seed, init_image, progress.denoising_step)
+                return generate(self.pipes, params, seed, init_image, progress.denoising_step)
+
+        if pending is None:
+            return run_pipeline(), [], []
+        try:
+            if self._overlaps(init_image):
+                applied: dict[str, Any] = {}
+
+                def apply_before_denoising() -> None:
+                    with timer.phase("lora_wait"):
+                        loaded = pending.result()
+                    if any(item.patches_text_encoders for item in loaded):
+                        raise _EncodeAfterApplying
+                    applied.update(loaded=loaded, reports=self._apply(loaded, timer))
+
+                try:
+                    with before_first_call(self.pipes.base.unet, apply_before_denoising):
+                        images = run_pipeline()
+                    return images, applied["loaded"], applied["reports"]
+                except _EncodeAfterApplying:
+                    LOG.info("a LoRA patches a text encoder: encoding the prompt again after applying it")
+            loaded = pending.result()
+            reports = self._apply(loaded, timer)
+            return run_pipeline(), loaded, reports
         finally:
             with timer.phase("lora_restore"):
                 self.patcher.restore()
-        return images, reports
+
+
+class _EncodeAfterApplying(Exception):
+    """Stops an overlapped attempt at the UNet's first call: a LoRA patches a text encoder, so it must come first."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +224,11 @@ class LoadedLora:
     parsed: ParsedLora
     ram_hit: bool
     load_ms: float
+
+    @property
+    def patches_text_encoders(self) -> bool:
+        """Whether applying it changes a text encoder (so the prompt must be encoded after it is applied)."""
+        return self.resolved.request.scale != 0 and any(self.parsed.components.get(name) for name in TEXT_ENCODERS)
 
 
 def ram_cache_key(item: ResolvedLora) -> str:

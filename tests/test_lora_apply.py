@@ -16,9 +16,9 @@ from sdxl_worker.lora.memory_cache import LoraRamCache
 from sdxl_worker.lora.parsing import LoraFactors, ParsedLora, load_lora
 from tests.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                               write_peft_folder, write_sd15_shaped)
+from tests.weights import assert_bit_identical, snapshot
 
 ALL = ("unet", "text_encoder", "text_encoder_2")
-CHECKED = ("unet", "text_encoder", "text_encoder_2", "vae")
 
 
 @pytest.fixture
@@ -27,18 +27,6 @@ def pipe(tiny_model_dir):
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def snapshot(pipe) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": value.detach().clone()
-            for name in CHECKED for key, value in getattr(pipe, name).state_dict().items()}
-
-
-def assert_bit_identical(pipe, reference: dict[str, torch.Tensor]) -> None:
-    current = snapshot(pipe)
-    assert current.keys() == reference.keys()
-    changed = [key for key in reference if not torch.equal(current[key], reference[key])]
-    assert not changed, f"{len(changed)} tensors differ, e.g. {changed[:3]}"
 
 
 def render(pipe, seed: int = 5, **kwargs) -> np.ndarray:

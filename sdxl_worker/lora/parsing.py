@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from sdxl_worker.errors import LoraError
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", *TEXT_ENCODERS)
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 UNSUPPORTED_TYPES = {
