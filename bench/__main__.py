@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.figures import Setup, cache_settings, cleanup, disk_load, download, memory, per_job_overhead, step_time
+from bench.figures import (Setup, cache_settings, cleanup, disk_load, download, memory, overlap, per_job_overhead,
+                            step_time)
 from bench.lora_files import serve_folder, write_bench_loras
 from bench.paths import JobShape
 from bench.pipelines import build_pipelines
@@ -72,7 +73,7 @@ def main() -> int:
                 "rank32_lora_mb": round(files["rank32_unet"].stat().st_size / 1e6, 1),
                 "rank128_lora_mb": round(files["rank128_all"].stat().st_size / 1e6, 1),
             }
-            for figure in (per_job_overhead, step_time, disk_load, download, memory):
+            for figure in (per_job_overhead, step_time, disk_load, download, overlap, memory):
                 LOG.info("measuring %s", figure.__name__)
                 results.update(figure(setup))
         results["seconds"] = round(time.time() - started, 1)
