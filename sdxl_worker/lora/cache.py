@@ -23,7 +23,7 @@ URL, Hugging Face or Civitai source (every form of one Civitai version shares on
    leftovers (``housekeeping.clean_leftovers``). Then, above
    ``LORA_CACHE_MAX_GB``, least recently used entries are evicted (``housekeeping.Evictor``), never one leased by
    ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
-   ``in_use``).
+   ``in_use``). Entries pinned by ``PINNED_LORAS`` are never evicted (``pinned_keys``).
 
 Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it). A downloaded entry's
 folder is verified like a hit; a hand-placed file or PEFT folder is checked (``file_checks``) and hashed the first
@@ -76,6 +76,7 @@ from sdxl_worker.lora.manifest import (
     write_manifest,
 )
 from sdxl_worker.lora.owners import Heartbeat, owner_record
+from sdxl_worker.lora.pinning import parse_sources, pinned_entry_keys
 from sdxl_worker.lora.redact import public_url, scrub
 from sdxl_worker.lora.requests import LoraRequest
 from sdxl_worker.lora.settings import CacheSettings
@@ -127,8 +128,10 @@ class LoraCache:
     """The shared LoRA disk cache; thread-safe, one per process is enough."""
 
     def __init__(self, settings: CacheSettings) -> None:
+        """``ValueError`` naming ``PINNED_LORAS`` if a pinned source is malformed."""
         self.settings = settings
         self.root = settings.cache_dir
+        self.pinned_keys = pinned_entry_keys(parse_sources("PINNED_LORAS", settings.pinned_sources))
         for folder in (".locks", ".leases"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._real_root = self.root.resolve()
@@ -139,7 +142,7 @@ class LoraCache:
         self._local: dict[tuple[Path, int, int, int], tuple[str, int]] = {}
         self._in_use: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
-        self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held)
+        self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held, self.pinned_keys)
         clean_leftovers(self.root, settings)
 
     @classmethod

@@ -5,9 +5,9 @@
   ``lock_stale_s`` go.
 - ``trash``: rename a folder to ``.trash-…`` (its name disappears at once), then delete it.
 - ``Evictor``: above ``cache_max_bytes``, deletes downloaded entries by manifest ``last_used_at``, oldest first,
-  skipping entries that are protected, held by a job of this process or leased by any process, used within
-  ``evict_grace_s``, or locked. One evictor at a time (``.locks/evict.lock``); files placed by hand are never
-  counted nor evicted.
+  skipping entries that are pinned (``PINNED_LORAS``), protected, held by a job of this process or leased by any
+  process, used within ``evict_grace_s``, or locked. One evictor at a time (``.locks/evict.lock``); files placed by
+  hand are never counted nor evicted. Pinned entries count toward the budget.
 """
 
 from __future__ import annotations
@@ -97,22 +97,33 @@ def clean_leftovers(root: Path, settings: CacheSettings) -> None:
 
 
 class Evictor:
-    """LRU eviction over the budget; ``held(key)`` tells whether a job of this process holds an entry."""
+    """LRU eviction; ``held(key)`` tells whether a job of this process holds an entry; ``pinned`` keys never go."""
 
     def __init__(self, root: Path, settings: CacheSettings, heartbeat: Heartbeat, leases: Leases,
-                 held: Callable[[str], bool]) -> None:
+                 held: Callable[[str], bool], pinned: frozenset[str] = frozenset()) -> None:
         self._root = root
         self._settings = settings
         self._heartbeat = heartbeat
         self._leases = leases
         self._held = held
+        self._pinned = pinned
 
     def _lock(self, name: str) -> EntryLock:
         return EntryLock(self._root / ".locks" / f"{name}.lock", self._heartbeat, self._settings.lock_stale_s, 0)
 
     def _evictable(self, key: str, last_used_at: float, protect: frozenset[str]) -> bool:
         recent = time.time() - last_used_at < self._settings.evict_grace_s
-        return not (key in protect or recent or self._held(key) or self._leases.live(key))
+        return not (key in protect or key in self._pinned or recent or self._held(key) or self._leases.live(key))
+
+    def _evict_oldest(self, entries: list[Entry], protect: frozenset[str],
+                      done: Callable[[list[Entry]], bool]) -> list[Entry]:
+        gone: list[Entry] = []
+        for entry in sorted(entries, key=lambda item: item.manifest.last_used_at):
+            if done(gone):
+                break
+            if self._evict_one(entry, protect):
+                gone.append(entry)
+        return gone
 
     def evict(self, protect: frozenset[str]) -> int:
         """Evict until the cache fits its budget (or nothing more may go); returns how many entries went."""
@@ -124,20 +135,15 @@ class Evictor:
         guard = self._lock("evict")
         if total <= budget or not guard.try_acquire():
             return 0
-        evicted = 0
         try:
-            for entry in sorted(entries, key=lambda item: item.manifest.last_used_at):
-                if total <= budget:
-                    break
-                if self._evict_one(entry, protect):
-                    total -= entry.size
-                    evicted += 1
-            if total > budget:
-                LOG.warning("LoRA cache holds %s, over its budget of %s: the rest is in use or recent",
-                            format_size(total), format_size(budget))
+            gone = self._evict_oldest(entries, protect, lambda gone: total - sum(e.size for e in gone) <= budget)
         finally:
             guard.release()
-        return evicted
+        left = total - sum(entry.size for entry in gone)
+        if left > budget:
+            LOG.warning("LoRA cache holds %s, over its budget of %s: the rest is pinned, in use or recent",
+                        format_size(left), format_size(budget))
+        return len(gone)
 
     def _evict_one(self, entry: Entry, protect: frozenset[str]) -> bool:
         if not self._evictable(entry.key, entry.manifest.last_used_at, protect):

@@ -16,6 +16,8 @@ Environment variables (default):
 - ``LORA_VERIFY_ON_HIT``: when a cache hit re-hashes the file against its manifest: ``first`` (default: the first
   time this process uses the entry, then again only if its size/mtime/inode change), ``always`` (every hit), or
   ``changed`` (only when size/mtime differ from the manifest's; a bit flip that keeps the mtime goes unnoticed).
+- ``PINNED_LORAS``: comma-separated LoRA sources (the forms of a ``loras`` entry) whose entries are never evicted,
+  from disk or RAM; they are fetched and parsed at start. Checked when the cache opens (``lora.pinning``).
 - ``CIVITAI_TOKEN``: sent as ``Authorization: Bearer`` to Civitai hosts and the ``CIVITAI_API_BASE`` host only
   (unset).
 - ``CIVITAI_API_BASE``: the Civitai site whose ``/api/v1/model-versions/<id>`` resolves Civitai sources
@@ -69,6 +71,7 @@ class CacheSettings:
     verify_on_hit: str = "first"
     civitai_hosts: tuple[str, ...] = CIVITAI_DOMAINS
     civitai_api_base: str = "https://civitai.com"
+    pinned_sources: tuple[str, ...] = ()
     retry_backoff_s: float = 1.0
     retry_wait_max_s: float = 30.0
     lock_stale_s: float = 180.0
@@ -106,7 +109,13 @@ class CacheSettings:
             download_retries=_number(env, "LORA_DOWNLOAD_RETRIES", 4, int),
             verify_on_hit=(env.get("LORA_VERIFY_ON_HIT") or "first").strip().lower(),
             civitai_api_base=_base_url(env, "CIVITAI_API_BASE", "https://civitai.com"),
+            pinned_sources=source_list(env.get("PINNED_LORAS", "")),
         )
+
+
+def source_list(value: str) -> tuple[str, ...]:
+    """The non-empty, stripped items of a comma-separated list of LoRA sources."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _base_url(env: Mapping[str, str], name: str, default: str) -> str:
