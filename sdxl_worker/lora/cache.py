@@ -19,7 +19,8 @@ URL, Hugging Face or Civitai source (every form of one Civitai version shares on
 2. Miss: take the entry lock (others wait, logging ``wait``, and then find the entry), look again, fetch into
    ``.tmp-…`` (``http_download``, ``hub_download``, or ``civitai_api`` then ``http_download``), check the file
    (``file_checks``), the requested sha256 and the one Civitai publishes, write the manifest, fsync, rename the
-   folder to ``<key>``. A crash at any point leaves nothing under a final name; a later ``LoraCache`` removes the
+   folder to ``<key>``. While fetching, the free-disk floor (``disk_space``) evicts least recently used entries or
+   refuses the download. A crash at any point leaves nothing under a final name; a later ``LoraCache`` removes the
    leftovers (``housekeeping.clean_leftovers``). Then, above
    ``LORA_CACHE_MAX_GB``, least recently used entries are evicted (``housekeeping.Evictor``), never one leased by
    ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
@@ -49,6 +50,7 @@ from pathlib import Path
 from sdxl_worker.errors import LoraError
 from sdxl_worker.lora.civitai_api import fetch_version_file
 from sdxl_worker.lora.civitai_source import civitai_ref
+from sdxl_worker.lora.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
 from sdxl_worker.lora.file_checks import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -127,8 +129,9 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 class LoraCache:
     """The shared LoRA disk cache; thread-safe, one per process is enough."""
 
-    def __init__(self, settings: CacheSettings) -> None:
-        """``ValueError`` naming ``PINNED_LORAS`` if a pinned source is malformed."""
+    def __init__(self, settings: CacheSettings, free_bytes: FreeBytes | None = None) -> None:
+        """``free_bytes`` reads the cache file system's free space (default ``shutil.disk_usage``); ``ValueError``
+        naming ``PINNED_LORAS`` if a pinned source is malformed."""
         self.settings = settings
         self.root = settings.cache_dir
         self.pinned_keys = pinned_entry_keys(parse_sources("PINNED_LORAS", settings.pinned_sources))
@@ -142,6 +145,7 @@ class LoraCache:
         self._local: dict[tuple[Path, int, int, int], tuple[str, int]] = {}
         self._in_use: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
+        self._free_bytes = free_bytes or disk_free_bytes(self.root)
         self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held, self.pinned_keys)
         clean_leftovers(self.root, settings)
 
@@ -247,7 +251,7 @@ class LoraCache:
                 return hit
             self._count("misses")
             LOG.info("lora miss %s [%s]: fetching", self._shown(request), key)
-            resolved = self._fetch(request, entry, report)
+            resolved = self._fetch(request, entry, report, protect | {key})
         finally:
             lock.release()
         evicted = self._evictor.evict(protect | {key})
@@ -353,7 +357,16 @@ class LoraCache:
 
     # -- fetching ---------------------------------------------------------------------------------------------
 
-    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress) -> ResolvedLora:
+    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress,
+               protect: frozenset[str]) -> ResolvedLora:
+        guard = SpaceGuard(self.settings.min_free_bytes, self._free_bytes,
+                           lambda shortfall, enough: self._evictor.make_room(protect, shortfall, enough),
+                           self.settings.free_check_bytes)
+
+        def progress(done: int, total: int | None) -> None:
+            guard(done, total)
+            report(done, total)
+
         fetchers = {"url": self._fetch_url, "hf": self._fetch_hub, "civitai": self._fetch_civitai}
         work = self.root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
         work.mkdir()
@@ -361,7 +374,8 @@ class LoraCache:
             (work / ".owner").write_text(json.dumps(owner_record()), encoding="utf-8")
             staged = work / "entry"
             staged.mkdir()
-            fetched = fetchers[request.kind](request, work, staged, report)
+            fetched = fetchers[request.kind](request, work, staged, progress)
+            guard.ensure(0)  # the whole file is on disk now: above the floor, or refused
             if request.sha256 and request.sha256 != fetched.sha256:
                 raise LoraError(f"sha256 mismatch: expected {request.sha256}, downloaded {fetched.sha256}")
             weights = staged / fetched.weights
@@ -379,6 +393,8 @@ class LoraCache:
             self._publish(staged, entry)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            with self._lock:
+                self._counts["evictions"] += guard.evicted
         with self._lock:
             self._verified[entry / manifest.weights] = _stamp(entry / manifest.weights)
         LOG.info("lora stored %s [%s]: %s, %s", self._shown(request), entry.name, manifest.display_name,
@@ -410,6 +426,8 @@ class LoraCache:
         if request.sha256 and file.sha256 and request.sha256 != file.sha256:
             raise LoraError(f"sha256 mismatch: expected {request.sha256}, Civitai publishes {file.sha256} for model "
                             f"version {ref.version_id}")
+        if file.size_bytes is not None:
+            progress(0, file.size_bytes)  # the free-disk floor, before connecting to the file's host
         part = work / "download.part"
         info = download_url(file.download_url, part, settings, progress)
         if file.sha256 and info.sha256 != file.sha256:

@@ -10,6 +10,8 @@
 - Size limit ``max_bytes``: checked against ``Content-Length`` before the body and while streaming.
 - ``CIVITAI_TOKEN`` goes only to Civitai hosts (``civitai.com``, ``civitai.green`` and their subdomains) and the
   ``CIVITAI_API_BASE`` host, ``HF_TOKEN`` only to the ``HF_ENDPOINT`` host, both as ``Authorization: Bearer``.
+- ``progress(done, total)`` is called once before the body when its size is known (``done`` 0), then after every
+  chunk; an exception it raises (the free-space floor) ends the download.
 - Messages show URLs without query strings or credentials (``redact.redact_url``).
 Failures raise ``LoraError`` with the cause only; callers add which LoRA or field it was.
 """
@@ -184,6 +186,8 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
         limit = f"over the limit of {format_size(settings.max_bytes)} (LORA_MAX_BYTES)"
         if total is not None and total > settings.max_bytes:
             raise LoraError(f"the file is {format_size(total)}, {limit}")
+        if progress is not None and total is not None:
+            progress(0, total)
         done = 0
         with ChunkWriter(target) as sink:
             try:

@@ -16,6 +16,9 @@ Environment variables (default):
 - ``LORA_VERIFY_ON_HIT``: when a cache hit re-hashes the file against its manifest: ``first`` (default: the first
   time this process uses the entry, then again only if its size/mtime/inode change), ``always`` (every hit), or
   ``changed`` (only when size/mtime differ from the manifest's; a bit flip that keeps the mtime goes unnoticed).
+- ``LORA_CACHE_MIN_FREE_MB``: free space (MiB, 1024**2 bytes) a download must leave on the cache's file system
+  (1024). Below it, least recently used entries are evicted first; if that is not enough the download is refused.
+  ``0`` turns the floor off.
 - ``PINNED_LORAS``: comma-separated LoRA sources (the forms of a ``loras`` entry) whose entries are never evicted,
   from disk or RAM; they are fetched and parsed at start. Checked when the cache opens (``lora.pinning``).
 - ``CIVITAI_TOKEN``: sent as ``Authorization: Bearer`` to Civitai hosts and the ``CIVITAI_API_BASE`` host only
@@ -43,6 +46,8 @@ from urllib.parse import urlsplit
 from sdxl_worker.lora.civitai_source import CIVITAI_DOMAINS
 
 GIB = 1024**3
+MIB = 1024**2
+DEFAULT_MIN_FREE_MB = 1024
 VERIFY_MODES = ("first", "always", "changed")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -71,6 +76,7 @@ class CacheSettings:
     verify_on_hit: str = "first"
     civitai_hosts: tuple[str, ...] = CIVITAI_DOMAINS
     civitai_api_base: str = "https://civitai.com"
+    min_free_bytes: int = DEFAULT_MIN_FREE_MB * MIB
     pinned_sources: tuple[str, ...] = ()
     retry_backoff_s: float = 1.0
     retry_wait_max_s: float = 30.0
@@ -80,6 +86,7 @@ class CacheSettings:
     lease_stale_s: float = 900.0
     evict_grace_s: float = 120.0
     tmp_stale_s: float = 3600.0
+    free_check_bytes: int = 8 * MIB        # how often (bytes written) a download re-reads the free space
 
     def __post_init__(self) -> None:
         if self.verify_on_hit not in VERIFY_MODES:
@@ -109,6 +116,7 @@ class CacheSettings:
             download_retries=_number(env, "LORA_DOWNLOAD_RETRIES", 4, int),
             verify_on_hit=(env.get("LORA_VERIFY_ON_HIT") or "first").strip().lower(),
             civitai_api_base=_base_url(env, "CIVITAI_API_BASE", "https://civitai.com"),
+            min_free_bytes=int(_number(env, "LORA_CACHE_MIN_FREE_MB", DEFAULT_MIN_FREE_MB, float) * MIB),
             pinned_sources=source_list(env.get("PINNED_LORAS", "")),
         )
 
