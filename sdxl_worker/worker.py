@@ -39,8 +39,10 @@ from sdxl_worker.input_image import load_init_image
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
 from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
 from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests
 from sdxl_worker.lora.parsing import PEFT_CONFIG, TEXT_ENCODERS, ParsedLora, load_lora
+from sdxl_worker.lora.pinning import parse_sources
+from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.lora.settings import source_list
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output import encode_images, upload_enabled
 from sdxl_worker.progress import JobProgress
@@ -78,22 +80,29 @@ class Worker:
 
     @classmethod
     def from_env(cls) -> Worker:
-        """Load the models chosen by the environment, open the LoRA caches and preload ``PRELOAD_LORAS``."""
+        """Load the models chosen by the environment, open the LoRA caches and preload ``PRELOAD_LORAS`` and
+        ``PINNED_LORAS``."""
         device, dtype = pick_device_and_dtype()
         pipes = load_pipelines(choose_models(), device, dtype)
         worker = cls(pipes, LoraCache.from_env(), LoraRamCache.from_env())
-        preload = [source.strip() for source in os.environ.get("PRELOAD_LORAS", "").split(",") if source.strip()]
-        if preload:
-            worker.preload(preload)
+        preload = list(source_list(os.environ.get("PRELOAD_LORAS", "")))
+        pinned = list(worker.lora_cache.settings.pinned_sources)
+        if preload or pinned:
+            worker.preload(preload, pinned)
         return worker
 
-    def preload(self, sources: list[str]) -> None:
-        """Fetch and parse LoRAs into the disk and RAM caches before the first job; a bad source stops the start."""
-        requests, errors = parse_lora_requests(sources, max_per_request=len(sources))
-        if errors:
-            raise ValueError("PRELOAD_LORAS: " + "; ".join(errors))
-        loaded = self.load_all(self.lora_cache.resolve_all(requests))
-        LOG.info("preloaded %d LoRA(s): %s", len(loaded), [item.resolved.display_name for item in loaded])
+    def preload(self, sources: list[str], pinned: list[str] | None = None) -> None:
+        """Fetch and parse LoRAs into the disk and RAM caches before the first job, ``pinned`` ones pinned in RAM
+        (the disk cache pins ``PINNED_LORAS`` itself); a bad source stops the start."""
+        pinned_requests = parse_sources("PINNED_LORAS", pinned or [])
+        pinned_ids = {request.identity for request in pinned_requests}
+        requests = [request for request in parse_sources("PRELOAD_LORAS", sources)
+                    if request.identity not in pinned_ids] + pinned_requests
+        resolved = self.lora_cache.resolve_all(requests)
+        self.ram_cache.pin(ram_cache_key(item) for item in resolved if item.request.identity in pinned_ids)
+        loaded = self.load_all(resolved)
+        LOG.info("preloaded %d LoRA(s), %d pinned: %s", len(loaded), len(pinned_ids),
+                 [item.resolved.display_name for item in loaded])
 
     async def run(self, job: dict[str, Any]) -> dict[str, Any]:
         """Serve one RunPod job; errors come back as ``{"error": ...}`` and the worker keeps serving."""

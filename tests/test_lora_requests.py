@@ -25,10 +25,11 @@ def errors_of(raw, max_per_request: int = 8) -> list[str]:
     return errors
 
 
-def test_string_forms_are_url_hf_repo_or_cache_name():
-    requests = parsed(["https://civitai.com/api/download/models/123", "owner/repo.v2", "my_style.safetensors"])
-    assert [request.kind for request in requests] == ["url", "hf", "cache"]
-    assert [request.index for request in requests] == [0, 1, 2]
+def test_string_forms_are_civitai_url_hf_repo_or_cache_name():
+    requests = parsed(["https://civitai.com/api/download/models/123", "https://example.com/x.safetensors",
+                       "owner/repo.v2", "my_style.safetensors"])
+    assert [request.kind for request in requests] == ["civitai", "url", "hf", "cache"]
+    assert [request.index for request in requests] == [0, 1, 2, 3]
     assert all(request.scale == 1.0 for request in requests)
 
 
@@ -125,9 +126,9 @@ def test_same_repo_with_other_weight_name_or_revision_is_allowed():
 
 
 def test_cache_key_ignores_secret_query_parameters_but_not_others():
-    base = LoraRequest(0, "https://civitai.com/api/download/models/1?type=Model&token=a")
-    assert base.cache_key == LoraRequest(0, "https://civitai.com/api/download/models/1?type=Model&token=b").cache_key
-    assert base.cache_key != LoraRequest(0, "https://civitai.com/api/download/models/1?type=VAE").cache_key
+    base = LoraRequest(0, "https://example.com/download/1?type=Model&token=a")
+    assert base.cache_key == LoraRequest(0, "https://example.com/download/1?type=Model&token=b").cache_key
+    assert base.cache_key != LoraRequest(0, "https://example.com/download/1?type=VAE").cache_key
     assert len(base.cache_key) == 32 and int(base.cache_key, 16) >= 0
 
 
@@ -169,5 +170,58 @@ def test_any_json_value_gives_requests_or_errors_and_never_raises(raw):
     assert all(isinstance(error, str) and error.startswith("loras") for error in errors)
     assert not (requests and errors)
     for request in requests:
-        assert abs(request.scale) <= 10 and request.kind in ("url", "hf", "cache")
+        assert abs(request.scale) <= 10 and request.kind in ("civitai", "url", "hf", "cache")
         assert len(request.cache_key) == 32 and request.label
+
+
+# -- Civitai forms ---------------------------------------------------------------------------------------------------
+
+CIVITAI_FORMS = ["civitai:368189", "urn:air:sdxl:lora:civitai:328553@368189",
+                 "URN:AIR:pony:lycoris:civitai:328553@368189.safetensors",
+                 "https://civitai.com/api/download/models/368189",
+                 "https://civitai.com/api/download/models/368189?type=Model&format=SafeTensor&token=SECRET9",
+                 "https://www.civitai.com/models/328553/pixel-style?modelVersionId=368189",
+                 "https://civitai.green/models/328553?modelVersionId=368189"]
+
+
+@pytest.mark.parametrize("source", CIVITAI_FORMS)
+def test_every_civitai_form_names_the_version_and_shares_its_cache_key(source):
+    (request,) = parsed([source])
+    assert request.kind == "civitai" and request.identity == ("civitai", "368189", "", "")
+    assert request.cache_key == LoraRequest(0, "civitai:368189").cache_key
+    assert "SECRET9" not in request.label and request.label
+
+
+def test_two_forms_of_one_civitai_version_in_a_job_are_the_same_lora():
+    errors = errors_of(["civitai:368189", {"path": "urn:air:sdxl:lora:civitai:328553@368189", "scale": 0.5}])
+    assert errors == ["loras[1]: the same LoRA as loras[0] (same source, weight_name and revision)"]
+    assert len(parsed(["civitai:368189", "civitai:368190"])) == 2
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("civitai:abc", "'civitai:' must name a model version id"),
+    ("civitai:0", "'civitai:' must name a model version id"),
+    ("urn:air:sd1:lora:civitai:1@2", "the AIR is for the 'sd1' ecosystem"),
+    ("urn:air:flux1:lora:civitai:1@2", "the AIR is for the 'flux1' ecosystem"),
+    ("urn:air:sdxl:checkpoint:civitai:1@2", "the AIR names a 'checkpoint', not a LoRA"),
+    ("urn:air:sdxl:lora:huggingface:1@2", "only Civitai AIRs"),
+    ("urn:air:sdxl:lora:civitai:328553", "must name a model version id"),
+    ("urn:air:sdxl:lora", "not a valid AIR"),
+    ("https://civitai.com/models/328553/pixel-style", "must include ?modelVersionId="),
+    ("https://civitai.com/models/328553?modelVersionId=x", "modelVersionId must name a model version id"),
+    ("https://civitai.com/api/download/models/1?type=Training%20Data", "must point to the model file (type=Model)"),
+])
+def test_malformed_civitai_sources_are_named_before_any_download(source, fragment):
+    (error,) = errors_of([{"path": source, "name": "x"}])
+    assert error.startswith("loras[0].path: ") and fragment in error
+
+
+def test_other_civitai_paths_and_lookalike_hosts_stay_plain_urls():
+    assert source_kind("https://civitai.com/images/12345") == "url"
+    assert source_kind("https://civitai.com.evil.org/api/download/models/1") == "url"
+    assert source_kind("https://evilcivitai.com/models/1?modelVersionId=2") == "url"
+
+
+def test_weight_name_and_revision_do_not_apply_to_civitai_sources():
+    assert errors_of([{"path": "civitai:5", "revision": "main"}]) == [
+        "loras[0].revision: only applies to Hugging Face repos ('owner/repo')"]

@@ -10,19 +10,21 @@ Layout of ``LORA_CACHE_DIR``::
     .tmp-<key>-<random>/                            fetches in progress, with an ``.owner`` record
     .trash-<random>/                                entries being deleted
 
-URL or Hugging Face source:
+URL, Hugging Face or Civitai source (every form of one Civitai version shares one entry, keyed by its version id):
 
 1. Hit, without lock or network: the manifest parses, the file has the recorded size, and its sha256 is checked
    per ``LORA_VERIFY_ON_HIT``. Default ``first``: a full re-hash the first time this process uses the entry (so a
    new process detects flipped bytes), then only when the file's size, mtime or inode change, so later hits cost a
    ``stat``. A failed check, or a requested ``sha256`` that differs from the manifest's, means a re-fetch.
 2. Miss: take the entry lock (others wait, logging ``wait``, and then find the entry), look again, fetch into
-   ``.tmp-…`` (``http_download`` or ``hub_download``), check the file (``file_checks``) and the requested sha256,
-   write the manifest, fsync, rename the folder to ``<key>``. A crash at any point leaves nothing under a final
-   name; a later ``LoraCache`` removes the leftovers (``housekeeping.clean_leftovers``). Then, above
+   ``.tmp-…`` (``http_download``, ``hub_download``, or ``civitai_api`` then ``http_download``), check the file
+   (``file_checks``), the requested sha256 and the one Civitai publishes, write the manifest, fsync, rename the
+   folder to ``<key>``. While fetching, the free-disk floor (``disk_space``) evicts least recently used entries or
+   refuses the download. A crash at any point leaves nothing under a final name; a later ``LoraCache`` removes the
+   leftovers (``housekeeping.clean_leftovers``). Then, above
    ``LORA_CACHE_MAX_GB``, least recently used entries are evicted (``housekeeping.Evictor``), never one leased by
    ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
-   ``in_use``).
+   ``in_use``). Entries pinned by ``PINNED_LORAS`` are never evicted (``pinned_keys``).
 
 Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it). A downloaded entry's
 folder is verified like a hit; a hand-placed file or PEFT folder is checked (``file_checks``) and hashed the first
@@ -46,6 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.civitai_api import fetch_version_file
+from sdxl_worker.lora.civitai_source import civitai_ref
+from sdxl_worker.lora.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
 from sdxl_worker.lora.file_checks import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -62,7 +67,7 @@ from sdxl_worker.lora.housekeeping import (
     scan_entries,
     trash,
 )
-from sdxl_worker.lora.http_download import download_url, url_filename
+from sdxl_worker.lora.http_download import ByteProgress, download_url, url_filename
 from sdxl_worker.lora.hub_download import fetch_from_hub
 from sdxl_worker.lora.leases import Leases
 from sdxl_worker.lora.locking import EntryLock, describe_owner
@@ -73,6 +78,7 @@ from sdxl_worker.lora.manifest import (
     write_manifest,
 )
 from sdxl_worker.lora.owners import Heartbeat, owner_record
+from sdxl_worker.lora.pinning import parse_sources, pinned_entry_keys
 from sdxl_worker.lora.redact import public_url, scrub
 from sdxl_worker.lora.requests import LoraRequest
 from sdxl_worker.lora.settings import CacheSettings
@@ -98,6 +104,7 @@ class ResolvedLora:
     display_name: str
     fetch_ms: float
     entry_key: str | None = None   # the downloaded entry; None for files placed by hand
+    trigger_words: tuple[str, ...] = ()   # Civitai's trained words for the version, when it came from Civitai
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,8 @@ class _Fetched:
     source: str
     etag: str | None = None
     commit: str | None = None
+    trigger_words: tuple[str, ...] = ()
+    base_model: str | None = None
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -120,9 +129,12 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 class LoraCache:
     """The shared LoRA disk cache; thread-safe, one per process is enough."""
 
-    def __init__(self, settings: CacheSettings) -> None:
+    def __init__(self, settings: CacheSettings, free_bytes: FreeBytes | None = None) -> None:
+        """``free_bytes`` reads the cache file system's free space (default ``shutil.disk_usage``); ``ValueError``
+        naming ``PINNED_LORAS`` if a pinned source is malformed."""
         self.settings = settings
         self.root = settings.cache_dir
+        self.pinned_keys = pinned_entry_keys(parse_sources("PINNED_LORAS", settings.pinned_sources))
         for folder in (".locks", ".leases"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._real_root = self.root.resolve()
@@ -133,7 +145,8 @@ class LoraCache:
         self._local: dict[tuple[Path, int, int, int], tuple[str, int]] = {}
         self._in_use: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
-        self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held)
+        self._free_bytes = free_bytes or disk_free_bytes(self.root)
+        self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held, self.pinned_keys)
         clean_leftovers(self.root, settings)
 
     @classmethod
@@ -200,8 +213,12 @@ class LoraCache:
         with self._lock:
             return self._in_use[key] > 0
 
+    def _secrets(self, request: LoraRequest) -> tuple[str, ...]:
+        ref = civitai_ref(request.source) if request.kind == "civitai" else None
+        return self.settings.secrets + ((ref.token,) if ref and ref.token else ())
+
     def _shown(self, request: LoraRequest) -> str:
-        return scrub(request.label, self.settings.secrets)
+        return scrub(request.label, self._secrets(request))
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -216,10 +233,10 @@ class LoraCache:
             else:
                 resolved = self._resolve_remote(request, TransferProgress(progress, prefix), protect)
         except LoraError as error:
-            raise LoraError(scrub(f"{prefix}: {error}", self.settings.secrets)) from None
+            raise LoraError(scrub(f"{prefix}: {error}", self._secrets(request))) from None
         except OSError as error:
             raise LoraError(scrub(f"{prefix}: LoRA cache I/O error ({type(error).__name__}: {error.strerror})",
-                                  self.settings.secrets)) from None
+                                  self._secrets(request))) from None
         return dataclasses.replace(resolved, fetch_ms=(time.perf_counter() - start) * 1000)
 
     def _resolve_remote(self, request: LoraRequest, report: TransferProgress,
@@ -244,7 +261,7 @@ class LoraCache:
                 return hit
             self._count("misses")
             LOG.info("lora miss %s [%s]: fetching", self._shown(request), key)
-            resolved = self._fetch(request, entry, report)
+            resolved = self._fetch(request, entry, report, protect | {key})
         finally:
             lock.release()
         evicted = self._evictor.evict(protect | {key})
@@ -267,7 +284,7 @@ class LoraCache:
         self._count("hits")
         LOG.info("lora hit %s [%s]", self._shown(request), entry.name)
         return ResolvedLora(request, entry / manifest.path, manifest.sha256, manifest.size, True,
-                            manifest.display_name, 0.0, entry.name)
+                            manifest.display_name, 0.0, entry.name, tuple(manifest.trigger_words))
 
     def _inside(self, path: Path) -> bool:
         return path.resolve().is_relative_to(self._real_root)
@@ -318,7 +335,8 @@ class LoraCache:
         self._count("hits")
         LOG.info("lora hit %s (cache name)", self._shown(request))
         return ResolvedLora(request, target, sha256, size, True, path.name, 0.0,
-                            path.name if manifest is not None and KEY_PATTERN.match(path.name) else None)
+                            path.name if manifest is not None and KEY_PATTERN.match(path.name) else None,
+                            tuple(manifest.trigger_words) if manifest is not None else ())
 
     def _hand_placed_digest(self, path: Path) -> tuple[str, int]:
         if path.is_dir():
@@ -349,14 +367,25 @@ class LoraCache:
 
     # -- fetching ---------------------------------------------------------------------------------------------
 
-    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress) -> ResolvedLora:
+    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress,
+               protect: frozenset[str]) -> ResolvedLora:
+        guard = SpaceGuard(self.settings.min_free_bytes, self._free_bytes,
+                           lambda shortfall, enough: self._evictor.make_room(protect, shortfall, enough),
+                           self.settings.free_check_bytes)
+
+        def progress(done: int, total: int | None) -> None:
+            guard(done, total)
+            report(done, total)
+
+        fetchers = {"url": self._fetch_url, "hf": self._fetch_hub, "civitai": self._fetch_civitai}
         work = self.root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
         work.mkdir()
         try:
             (work / ".owner").write_text(json.dumps(owner_record()), encoding="utf-8")
             staged = work / "entry"
             staged.mkdir()
-            fetched = (self._fetch_url if request.kind == "url" else self._fetch_hub)(request, work, staged, report)
+            fetched = fetchers[request.kind](request, work, staged, progress)
+            guard.ensure(0)  # the whole file is on disk now: above the floor, or refused
             if request.sha256 and request.sha256 != fetched.sha256:
                 raise LoraError(f"sha256 mismatch: expected {request.sha256}, downloaded {fetched.sha256}")
             weights = staged / fetched.weights
@@ -366,7 +395,7 @@ class LoraCache:
                 path=fetched.path, weights=fetched.weights, sha256=fetched.sha256, size=weights.stat().st_size,
                 mtime_ns=weights.stat().st_mtime_ns, display_name=fetched.display_name, downloaded_at=now,
                 last_used_at=now, revision=request.revision, weight_name=request.weight_name, etag=fetched.etag,
-                commit=fetched.commit)
+                commit=fetched.commit, trigger_words=list(fetched.trigger_words), base_model=fetched.base_model)
             for path in [*staged.rglob("*"), staged]:
                 fsync_path(path)
             write_manifest(staged, manifest)
@@ -374,26 +403,54 @@ class LoraCache:
             self._publish(staged, entry)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            with self._lock:
+                self._counts["evictions"] += guard.evicted
         with self._lock:
             self._verified[entry / manifest.weights] = _stamp(entry / manifest.weights)
         LOG.info("lora stored %s [%s]: %s, %s", self._shown(request), entry.name, manifest.display_name,
                  format_size(manifest.size))
         return ResolvedLora(request, entry / manifest.path, manifest.sha256, manifest.size, False,
-                            manifest.display_name, 0.0, entry.name)
+                            manifest.display_name, 0.0, entry.name, tuple(manifest.trigger_words))
 
-    def _fetch_url(self, request: LoraRequest, work: Path, staged: Path, report: TransferProgress) -> _Fetched:
-        part = work / "download.part"
-        info = download_url(request.source, part, self.settings, report)
-        names = (info.filename, url_filename(info.final_url), url_filename(request.source))
+    @staticmethod
+    def _store_download(part: Path, staged: Path, names: tuple[str | None, ...]) -> str:
+        """Check a downloaded file, move it into the staged entry as ``weights<ext>`` and return that name."""
         extension = choose_extension(part, *names)
         check_weights_file(part, extension)
         name = f"weights{extension}"
         os.rename(part, staged / name)
+        return name
+
+    def _fetch_url(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> _Fetched:
+        part = work / "download.part"
+        info = download_url(request.source, part, self.settings, progress)
+        names = (info.filename, url_filename(info.final_url), url_filename(request.source))
+        name = self._store_download(part, staged, names)
         display = next((item for item in names if item), self._shown(request))
         return _Fetched("file", name, name, info.sha256, display, public_url(request.source), info.etag)
 
-    def _fetch_hub(self, request: LoraRequest, work: Path, staged: Path, report: TransferProgress) -> _Fetched:
-        fetched = fetch_from_hub(request.source, request.revision, request.weight_name, work, self.settings, report)
+    def _fetch_civitai(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> _Fetched:
+        ref = civitai_ref(request.source)
+        settings = dataclasses.replace(self.settings, civitai_token=ref.token) if ref.token else self.settings
+        file = fetch_version_file(ref.version_id, settings)
+        if request.sha256 and file.sha256 and request.sha256 != file.sha256:
+            raise LoraError(f"sha256 mismatch: expected {request.sha256}, Civitai publishes {file.sha256} for model "
+                            f"version {ref.version_id}")
+        if file.size_bytes is not None:
+            progress(0, file.size_bytes)  # the free-disk floor, before connecting to the file's host
+        part = work / "download.part"
+        info = download_url(file.download_url, part, settings, progress)
+        if file.sha256 and info.sha256 != file.sha256:
+            raise LoraError(f"the download does not match the sha256 Civitai publishes for model version "
+                            f"{ref.version_id} (expected {file.sha256}, got {info.sha256}); nothing was cached")
+        names = (file.name, info.filename, url_filename(info.final_url))
+        name = self._store_download(part, staged, names)
+        display = next((item for item in names if item), self._shown(request))
+        return _Fetched("file", name, name, info.sha256, display, f"civitai:{ref.version_id}", info.etag,
+                        trigger_words=file.trigger_words, base_model=file.base_model)
+
+    def _fetch_hub(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> _Fetched:
+        fetched = fetch_from_hub(request.source, request.revision, request.weight_name, work, self.settings, progress)
         if fetched.kind == "peft":
             peft_weights(fetched.path)
             os.rename(fetched.path, staged / "adapter")

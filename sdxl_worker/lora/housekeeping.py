@@ -4,10 +4,11 @@
   or when nothing in it changed for ``tmp_stale_s`` (owner on another host); broken-lock files older than
   ``lock_stale_s`` go.
 - ``trash``: rename a folder to ``.trash-…`` (its name disappears at once), then delete it.
-- ``Evictor``: above ``cache_max_bytes``, deletes downloaded entries by manifest ``last_used_at``, oldest first,
-  skipping entries that are protected, held by a job of this process or leased by any process, used within
+- ``Evictor``: above ``cache_max_bytes`` (``evict``), or until a download has room above the free-disk floor
+  (``make_room``), deletes downloaded entries by manifest ``last_used_at``, oldest first, skipping entries that are
+  pinned (``PINNED_LORAS``), protected, held by a job of this process or leased by any process, used within
   ``evict_grace_s``, or locked. One evictor at a time (``.locks/evict.lock``); files placed by hand are never
-  counted nor evicted.
+  counted nor evicted. Pinned entries count toward the budget.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_worker.lora.leases import Leases
-from sdxl_worker.lora.locking import EntryLock
+from sdxl_worker.lora.locking import EntryLock, LockTimeout
 from sdxl_worker.lora.manifest import Manifest, read_manifest
 from sdxl_worker.lora.owners import Heartbeat, owner_alive, read_record
 from sdxl_worker.lora.settings import CacheSettings
@@ -30,6 +31,7 @@ from sdxl_worker.lora.transfer_progress import format_size
 
 LOG = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+MAKE_ROOM_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,22 +99,33 @@ def clean_leftovers(root: Path, settings: CacheSettings) -> None:
 
 
 class Evictor:
-    """LRU eviction over the budget; ``held(key)`` tells whether a job of this process holds an entry."""
+    """LRU eviction; ``held(key)`` tells whether a job of this process holds an entry; ``pinned`` keys never go."""
 
     def __init__(self, root: Path, settings: CacheSettings, heartbeat: Heartbeat, leases: Leases,
-                 held: Callable[[str], bool]) -> None:
+                 held: Callable[[str], bool], pinned: frozenset[str] = frozenset()) -> None:
         self._root = root
         self._settings = settings
         self._heartbeat = heartbeat
         self._leases = leases
         self._held = held
+        self._pinned = pinned
 
-    def _lock(self, name: str) -> EntryLock:
-        return EntryLock(self._root / ".locks" / f"{name}.lock", self._heartbeat, self._settings.lock_stale_s, 0)
+    def _lock(self, name: str, wait_s: float = 0) -> EntryLock:
+        return EntryLock(self._root / ".locks" / f"{name}.lock", self._heartbeat, self._settings.lock_stale_s, wait_s)
 
     def _evictable(self, key: str, last_used_at: float, protect: frozenset[str]) -> bool:
         recent = time.time() - last_used_at < self._settings.evict_grace_s
-        return not (key in protect or recent or self._held(key) or self._leases.live(key))
+        return not (key in protect or key in self._pinned or recent or self._held(key) or self._leases.live(key))
+
+    def _evict_oldest(self, entries: list[Entry], protect: frozenset[str],
+                      done: Callable[[list[Entry]], bool]) -> list[Entry]:
+        gone: list[Entry] = []
+        for entry in sorted(entries, key=lambda item: item.manifest.last_used_at):
+            if done(gone):
+                break
+            if self._evict_one(entry, protect):
+                gone.append(entry)
+        return gone
 
     def evict(self, protect: frozenset[str]) -> int:
         """Evict until the cache fits its budget (or nothing more may go); returns how many entries went."""
@@ -124,20 +137,35 @@ class Evictor:
         guard = self._lock("evict")
         if total <= budget or not guard.try_acquire():
             return 0
-        evicted = 0
         try:
-            for entry in sorted(entries, key=lambda item: item.manifest.last_used_at):
-                if total <= budget:
-                    break
-                if self._evict_one(entry, protect):
-                    total -= entry.size
-                    evicted += 1
-            if total > budget:
-                LOG.warning("LoRA cache holds %s, over its budget of %s: the rest is in use or recent",
-                            format_size(total), format_size(budget))
+            gone = self._evict_oldest(entries, protect, lambda gone: total - sum(e.size for e in gone) <= budget)
         finally:
             guard.release()
-        return evicted
+        left = total - sum(entry.size for entry in gone)
+        if left > budget:
+            LOG.warning("LoRA cache holds %s, over its budget of %s: the rest is pinned, in use or recent",
+                        format_size(left), format_size(budget))
+        return len(gone)
+
+    def make_room(self, protect: frozenset[str], shortfall: int, enough: Callable[[], bool]) -> int:
+        """Evict oldest first until ``enough()`` (the free-disk floor), unless the entries that may go hold less than
+        ``shortfall`` bytes (then nothing goes); returns how many entries went. Waits up to ``MAKE_ROOM_WAIT_S`` for
+        another evictor."""
+        guard = self._lock("evict", MAKE_ROOM_WAIT_S)
+        try:
+            guard.acquire()
+        except LockTimeout:
+            return 0
+        try:
+            candidates = [entry for entry in scan_entries(self._root)
+                          if self._evictable(entry.key, entry.manifest.last_used_at, protect)]
+            if sum(entry.size for entry in candidates) < shortfall:
+                LOG.info("free-disk floor: the %d entries that may be evicted hold less than the %s needed",
+                         len(candidates), format_size(shortfall))
+                return 0
+            return len(self._evict_oldest(candidates, protect, lambda _: enough()))
+        finally:
+            guard.release()
 
     def _evict_one(self, entry: Entry, protect: frozenset[str]) -> bool:
         if not self._evictable(entry.key, entry.manifest.last_used_at, protect):

@@ -8,8 +8,10 @@
 - Connect/read timeouts; retries with exponential backoff (with jitter) on connection errors, timeouts, broken or
   short bodies, 408, 429 and 5xx, honouring ``Retry-After`` (seconds or a date) capped at ``retry_wait_max_s``.
 - Size limit ``max_bytes``: checked against ``Content-Length`` before the body and while streaming.
-- ``CIVITAI_TOKEN`` goes only to Civitai hosts (``civitai.com``, ``civitai.green`` and their subdomains),
-  ``HF_TOKEN`` only to the ``HF_ENDPOINT`` host, both as ``Authorization: Bearer``.
+- ``CIVITAI_TOKEN`` goes only to Civitai hosts (``civitai.com``, ``civitai.green`` and their subdomains) and the
+  ``CIVITAI_API_BASE`` host, ``HF_TOKEN`` only to the ``HF_ENDPOINT`` host, both as ``Authorization: Bearer``.
+- ``progress(done, total)`` is called once before the body when its size is known (``done`` 0), then after every
+  chunk; an exception it raises (the free-space floor) ends the download.
 - Messages show URLs without query strings or credentials (``redact.redact_url``).
 Failures raise ``LoraError`` with the cause only; callers add which LoRA or field it was.
 """
@@ -25,12 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.lora.chunk_writer import ChunkWriter
+from sdxl_worker.lora.civitai_source import is_civitai_host
 from sdxl_worker.lora.redact import QueryRedactingFilter, public_url, redact_url
 from sdxl_worker.lora.settings import CacheSettings
 from sdxl_worker.lora.transfer_progress import format_size
@@ -42,6 +46,7 @@ MAX_REDIRECTS = 10
 CHUNK_BYTES = 1024 * 1024
 USER_AGENT = "sdxl-worker-lora/1"
 ByteProgress = Callable[[int, int | None], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,21 +60,23 @@ class DownloadInfo:
     final_url: str           # the last hop, without credentials or secret query parameters
 
 
-class _Retry(Exception):
+class Retryable(Exception):
+    """A failure worth another attempt (``with_retries``); ``wait_s`` is the server's ``Retry-After``, if any."""
+
     def __init__(self, cause: str, wait_s: float | None = None) -> None:
         super().__init__(cause)
         self.cause = cause
         self.wait_s = wait_s
 
 
-def _host_matches(host: str, domains: tuple[str, ...]) -> bool:
-    return any(host == domain or host.endswith("." + domain) for domain in domains)
+def _is_civitai(host: str, settings: CacheSettings) -> bool:
+    return is_civitai_host(host, settings.civitai_hosts) or host == urlsplit(settings.civitai_api_base).hostname
 
 
 def auth_header(url: str, settings: CacheSettings) -> dict[str, str]:
     """The ``Authorization`` header this URL's host may receive: Civitai or HF token, or nothing."""
     host = (urlsplit(url).hostname or "").lower()
-    if settings.civitai_token and _host_matches(host, settings.civitai_hosts):
+    if settings.civitai_token and _is_civitai(host, settings):
         return {"Authorization": f"Bearer {settings.civitai_token}"}
     if settings.hf_token and host == (urlsplit(settings.hf_endpoint).hostname or "").lower():
         return {"Authorization": f"Bearer {settings.hf_token}"}
@@ -78,7 +85,7 @@ def auth_header(url: str, settings: CacheSettings) -> dict[str, str]:
 
 def _token_hint(url: str, settings: CacheSettings) -> str:
     host = (urlsplit(url).hostname or "").lower()
-    if _host_matches(host, settings.civitai_hosts):
+    if _is_civitai(host, settings):
         return ("CIVITAI_TOKEN was sent and refused; check that the key may download this model"
                 if settings.civitai_token else "set CIVITAI_TOKEN to a Civitai API key")
     if host == (urlsplit(settings.hf_endpoint).hostname or "").lower():
@@ -135,7 +142,8 @@ def _content_length(response: requests.Response) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _open(session: requests.Session, url: str, settings: CacheSettings) -> tuple[requests.Response, str]:
+def open_url(session: requests.Session, url: str, settings: CacheSettings) -> tuple[requests.Response, str]:
+    """GET ``url`` streamed, following redirects under the module's rules; ``(response, final URL)``."""
     current = url
     for _ in range(MAX_REDIRECTS + 1):
         check_url(current, settings.allow_private_hosts)
@@ -144,10 +152,10 @@ def _open(session: requests.Session, url: str, settings: CacheSettings) -> tuple
             response = session.get(current, headers=headers, stream=True, allow_redirects=False,
                                    timeout=(settings.connect_timeout_s, settings.read_timeout_s))
         except requests.Timeout:
-            raise _Retry(f"timed out (connect {settings.connect_timeout_s:g} s, read {settings.read_timeout_s:g} s)"
-                         f" on {redact_url(current)}") from None
+            raise Retryable(f"timed out (connect {settings.connect_timeout_s:g} s, read {settings.read_timeout_s:g} s)"
+                            f" on {redact_url(current)}") from None
         except requests.ConnectionError:
-            raise _Retry(f"cannot connect to {redact_url(current)}") from None
+            raise Retryable(f"cannot connect to {redact_url(current)}") from None
         except requests.RequestException as error:
             raise LoraError(f"request to {redact_url(current)} failed ({type(error).__name__})") from None
         if not response.is_redirect:
@@ -158,20 +166,28 @@ def _open(session: requests.Session, url: str, settings: CacheSettings) -> tuple
     raise LoraError(f"more than {MAX_REDIRECTS} redirects from {redact_url(url)}")
 
 
+def check_status(response: requests.Response, url: str, settings: CacheSettings) -> None:
+    """Nothing for HTTP 200; ``Retryable`` for 408, 429 and 5xx; ``LoraError`` otherwise (naming the token
+    variable on 401/403)."""
+    status = response.status_code
+    if status in (408, 429) or status >= 500:
+        raise Retryable(f"HTTP {status} from {redact_url(url)}",
+                        _retry_after(response.headers.get("Retry-After"), settings.retry_wait_max_s))
+    if status != 200:
+        raise LoraError(_status_message(status, url, settings))
+
+
 def _attempt(session: requests.Session, url: str, target: Path, settings: CacheSettings,
              progress: ByteProgress | None) -> DownloadInfo:
-    response, final_url = _open(session, url, settings)
+    response, final_url = open_url(session, url, settings)
     with response:
-        status = response.status_code
-        if status in (408, 429) or status >= 500:
-            raise _Retry(f"HTTP {status} from {redact_url(final_url)}",
-                         _retry_after(response.headers.get("Retry-After"), settings.retry_wait_max_s))
-        if status != 200:
-            raise LoraError(_status_message(status, final_url, settings))
+        check_status(response, final_url, settings)
         total = _content_length(response)
         limit = f"over the limit of {format_size(settings.max_bytes)} (LORA_MAX_BYTES)"
         if total is not None and total > settings.max_bytes:
             raise LoraError(f"the file is {format_size(total)}, {limit}")
+        if progress is not None and total is not None:
+            progress(0, total)
         done = 0
         with ChunkWriter(target) as sink:
             try:
@@ -183,30 +199,36 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
                     if progress is not None:
                         progress(done, total)
             except requests.RequestException as error:
-                raise _Retry(f"the connection broke after {format_size(done)} ({type(error).__name__})") from None
+                raise Retryable(f"the connection broke after {format_size(done)} ({type(error).__name__})") from None
             if total is not None and done != total:
-                raise _Retry(f"the body ended after {done} of {total} bytes")
+                raise Retryable(f"the body ended after {done} of {total} bytes")
     return DownloadInfo(size=done, sha256=sink.sha256,
                         filename=disposition_filename(response.headers.get("Content-Disposition")),
                         etag=response.headers.get("ETag"), final_url=public_url(final_url))
 
 
+def with_retries(call: Callable[[], T], url: str, settings: CacheSettings) -> T:
+    """``call()``, again after ``Retryable`` with backoff and jitter (or the server's ``Retry-After``), at most
+    ``download_retries`` more times; then ``LoraError``."""
+    attempts, attempt = settings.download_retries + 1, 1
+    while True:
+        try:
+            return call()
+        except Retryable as retry:
+            if attempt >= attempts:
+                raise LoraError(f"{retry.cause}; gave up after {attempts} attempts") from None
+            delay = retry.wait_s
+            if delay is None:
+                delay = min(settings.retry_backoff_s * 2 ** (attempt - 1), settings.retry_wait_max_s)
+                delay *= random.uniform(0.8, 1.2)
+            LOG.info("request to %s: %s; retry %d of %d in %.1f s", redact_url(url), retry.cause, attempt,
+                     attempts - 1, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
 def download_url(url: str, target: Path, settings: CacheSettings,
                  progress: ByteProgress | None = None) -> DownloadInfo:
     """Download ``url`` into ``target`` (created or truncated) under the rules of the module docstring."""
-    attempts, attempt = settings.download_retries + 1, 1
     with guarded_session(settings.allow_private_hosts) as session:
-        while True:
-            try:
-                return _attempt(session, url, target, settings, progress)
-            except _Retry as retry:
-                if attempt >= attempts:
-                    raise LoraError(f"{retry.cause}; gave up after {attempts} attempts") from None
-                delay = retry.wait_s
-                if delay is None:
-                    delay = min(settings.retry_backoff_s * 2 ** (attempt - 1), settings.retry_wait_max_s)
-                    delay *= random.uniform(0.8, 1.2)
-                LOG.info("download of %s: %s; retry %d of %d in %.1f s", redact_url(url), retry.cause, attempt,
-                         attempts - 1, delay)
-                time.sleep(delay)
-                attempt += 1
+        return with_retries(lambda: _attempt(session, url, target, settings, progress), url, settings)

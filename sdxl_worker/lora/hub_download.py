@@ -71,6 +71,8 @@ class _ProgressBar:
     def __init__(self, report: ByteProgress | None, limit: int, total: int | None = None, initial: int = 0,
                  **_: object) -> None:
         self.report, self.limit, self.total, self.n = report, limit, total, initial
+        if report is not None and total is not None:
+            report(initial, total)  # before the body: lets the free-space floor refuse up front
 
     def update(self, count: int = 1) -> None:
         self.n += count

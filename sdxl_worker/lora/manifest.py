@@ -3,7 +3,9 @@
 Fields: ``key``, ``source`` (a URL without credentials or secret query parameters, or a Hugging Face repo id),
 ``revision``, ``weight_name``, ``kind`` (``file`` | ``peft``), ``path`` (relative: the weights file or the PEFT
 folder), ``weights`` (relative path of the hashed file), ``sha256``, ``size`` and ``mtime_ns`` of that file,
-``etag``, ``commit``, ``display_name``, ``downloaded_at`` and ``last_used_at`` (unix seconds), ``version``.
+``etag``, ``commit``, ``display_name``, ``downloaded_at`` and ``last_used_at`` (unix seconds), ``version``;
+for Civitai sources also ``trigger_words`` (the version's trained words) and ``base_model``. Fields added later have
+defaults, so older manifests still load.
 Written to a temp name in the entry folder, fsynced, then renamed over ``manifest.json``.
 """
 
@@ -13,7 +15,7 @@ import dataclasses
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
@@ -40,6 +42,8 @@ class Manifest:
     etag: str | None = None
     commit: str | None = None
     version: int = VERSION
+    trigger_words: list[str] = field(default_factory=list)
+    base_model: str | None = None
 
 
 def _relative_inside(value: object) -> bool:
@@ -55,7 +59,9 @@ def read_manifest(entry: Path) -> Manifest | None:
     except (OSError, ValueError, TypeError):
         return None
     if (manifest.version != VERSION or manifest.kind not in ("file", "peft")
-            or not (_relative_inside(manifest.path) and _relative_inside(manifest.weights))):
+            or not (_relative_inside(manifest.path) and _relative_inside(manifest.weights))
+            or not (isinstance(manifest.trigger_words, list)
+                    and all(isinstance(word, str) for word in manifest.trigger_words))):
         return None
     return manifest
 

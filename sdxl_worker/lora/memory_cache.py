@@ -2,6 +2,10 @@
 
 A repeated LoRA skips disk, parsing, conversion and host-to-device copies. Budget: ``LORA_RAM_CACHE_GB`` (GiB,
 default 2; 0 disables). Thread-safe: parsing for one key happens once even when several jobs ask at once.
+
+Pinned keys (``pin``, from ``PINNED_LORAS``) are never evicted and are kept even when larger than the budget; they
+count toward it, so unpinned LoRAs get what is left. When pinned LoRAs alone exceed the budget, only the most
+recently loaded unpinned LoRA is kept beside them (a warning says so).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterable
 
 from sdxl_worker.lora.parsing import ParsedLora
 
@@ -26,6 +30,7 @@ class LoraRamCache:
         self._entries: OrderedDict[str, ParsedLora] = OrderedDict()
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
+        self._pinned: set[str] = set()
         self.hits = 0
         self.misses = 0
 
@@ -46,6 +51,11 @@ class LoraRamCache:
         with self._lock:
             return sum(entry.nbytes for entry in self._entries.values())
 
+    def pin(self, keys: Iterable[str]) -> None:
+        """Never evict these content keys (loaded now or later)."""
+        with self._lock:
+            self._pinned.update(keys)
+
     def get_or_load(self, key: str, loader: Callable[[], ParsedLora]) -> tuple[ParsedLora, bool]:
         """The cached LoRA for ``key`` (and True), or ``loader()``'s result, cached (and False)."""
         with self._lock:
@@ -60,14 +70,19 @@ class LoraRamCache:
             with self._lock:
                 self.misses += 1
                 self._key_locks.pop(key, None)
-                if parsed.nbytes <= self.budget_bytes:
+                if parsed.nbytes <= self.budget_bytes or key in self._pinned:
                     self._entries[key] = parsed
-                    self._evict_over_budget()
+                    self._evict_over_budget(key)
             return parsed, False
 
-    def _evict_over_budget(self) -> None:
+    def _evict_over_budget(self, newest: str) -> None:
         total = sum(entry.nbytes for entry in self._entries.values())
-        while total > self.budget_bytes and len(self._entries) > 1:
-            key, evicted = self._entries.popitem(last=False)
+        for key in [key for key in self._entries if key not in self._pinned and key != newest]:
+            if total <= self.budget_bytes:
+                return
+            evicted = self._entries.pop(key)
             total -= evicted.nbytes
             LOG.info("RAM cache: evicted LoRA %s (%.1f MB)", key[:16], evicted.nbytes / 1e6)
+        if total > self.budget_bytes:
+            LOG.warning("RAM cache: %.1f MB of LoRAs, over its budget of %.1f MB (LORA_RAM_CACHE_GB): pinned LoRAs "
+                        "are never evicted", total / 1e6, self.budget_bytes / 1e6)

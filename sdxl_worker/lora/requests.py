@@ -6,6 +6,8 @@ An entry is a string source or ``{"path": source, "scale": 1.0}`` with optional 
 
 How a source string is read (surrounding whitespace ignored):
 
+- ``civitai:<versionId>``, a Civitai AIR URN, or a Civitai download or model-version page URL -> a Civitai model
+  version (``civitai_source``); every form of one version is the same LoRA;
 - ``http://`` or ``https://`` -> a URL to download (any other ``scheme://`` is refused);
 - ``owner/repo`` (exactly one ``/``, Hugging Face id characters) -> a Hugging Face repo;
 - a name without ``/`` -> an entry already in the cache: a file or folder in the cache root, e.g.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from sdxl_worker.lora.civitai_source import civitai_ref
 from sdxl_worker.lora.redact import public_url, redact_url
 from sdxl_worker.lora.url_safety import cache_name_problem
 
@@ -38,7 +41,10 @@ _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
 
 
 def source_kind(source: str) -> str:
-    """``"url"``, ``"hf"`` or ``"cache"`` for a source string; ``ValueError`` (the reason) if it is none of them."""
+    """``"civitai"``, ``"url"``, ``"hf"`` or ``"cache"`` for a source string; ``ValueError`` (the reason) if it is
+    none of them."""
+    if civitai_ref(source) is not None:
+        return "civitai"
     if "://" in source:
         scheme = source.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
@@ -49,7 +55,8 @@ def source_kind(source: str) -> str:
     if "/" in source:
         if _HF_REPO.match(source) and ".." not in source and "--" not in source:
             return "hf"
-        raise ValueError("must be an http(s) URL, a Hugging Face repo 'owner/repo' or a cache entry name")
+        raise ValueError("must be an http(s) URL, a Hugging Face repo 'owner/repo', a Civitai source or a cache entry "
+                         "name")
     problem = cache_name_problem(source)
     if problem:
         raise ValueError(problem)
@@ -70,14 +77,15 @@ class LoraRequest:
 
     @property
     def kind(self) -> str:
-        """``"url"``, ``"hf"`` or ``"cache"`` (see the module docstring)."""
+        """``"civitai"``, ``"url"``, ``"hf"`` or ``"cache"`` (see the module docstring)."""
         return source_kind(self.source)
 
     @property
     def identity(self) -> tuple[str, str, str, str]:
-        """What makes two requests the same LoRA: kind, normalized source, weight name, revision."""
+        """What makes two requests the same LoRA: kind, normalized source (a Civitai version id for every Civitai
+        form), weight name, revision."""
         kind = self.kind
-        normalized = {"url": public_url, "hf": str.lower}.get(kind, str)(self.source)
+        normalized = {"url": public_url, "hf": str.lower, "civitai": _civitai_version}.get(kind, str)(self.source)
         return kind, normalized, self.weight_name or "", self.revision or ""
 
     @property
@@ -90,10 +98,15 @@ class LoraRequest:
         """``name``, or a short form of the source without query strings or credentials."""
         if self.name:
             return self.name
-        if self.kind == "url":
+        if "://" in self.source:
             shown = redact_url(self.source).removesuffix("?…").split("://", 1)[-1]
             return shown if len(shown) <= 60 else f"{shown[:28]}…{shown[-28:]}"
         return self.source if not self.weight_name else f"{self.source}:{self.weight_name}"
+
+
+def _civitai_version(source: str) -> str:
+    ref = civitai_ref(source)
+    return str(ref.version_id) if ref else source
 
 
 def _shown(value: Any) -> str:
@@ -105,7 +118,8 @@ def _shown(value: Any) -> str:
 
 def _check_source(value: Any, where: str, errors: list[str]) -> str | None:
     if not isinstance(value, str) or not value.strip():
-        errors.append(f"{where}: must be a non-empty string (URL, 'owner/repo' or cache name), got {_shown(value)}")
+        errors.append(f"{where}: must be a non-empty string (URL, 'owner/repo', Civitai source or cache name), "
+                      f"got {_shown(value)}")
         return None
     source = value.strip()
     if len(source) > MAX_SOURCE_CHARS:

@@ -16,7 +16,16 @@ Environment variables (default):
 - ``LORA_VERIFY_ON_HIT``: when a cache hit re-hashes the file against its manifest: ``first`` (default: the first
   time this process uses the entry, then again only if its size/mtime/inode change), ``always`` (every hit), or
   ``changed`` (only when size/mtime differ from the manifest's; a bit flip that keeps the mtime goes unnoticed).
-- ``CIVITAI_TOKEN``: sent as ``Authorization: Bearer`` to Civitai hosts only (unset).
+- ``LORA_CACHE_MIN_FREE_MB``: free space (MiB, 1024**2 bytes) a download must leave on the cache's file system
+  (1024). Below it, least recently used entries are evicted first; if that is not enough the download is refused.
+  ``0`` turns the floor off.
+- ``PINNED_LORAS``: comma-separated LoRA sources (the forms of a ``loras`` entry) whose entries are never evicted,
+  from disk or RAM; they are fetched and parsed at start. Checked when the cache opens (``lora.pinning``).
+- ``CIVITAI_TOKEN``: sent as ``Authorization: Bearer`` to Civitai hosts and the ``CIVITAI_API_BASE`` host only
+  (unset).
+- ``CIVITAI_API_BASE``: the Civitai site whose ``/api/v1/model-versions/<id>`` resolves Civitai sources
+  (``https://civitai.com``); trusted like ``HF_ENDPOINT`` (not subject to the private-address rule). The download
+  URL it returns and every redirect are checked like any URL.
 - ``HF_TOKEN``: used for Hugging Face repos, and sent as ``Authorization: Bearer`` to the ``HF_ENDPOINT`` host for
   plain URLs (unset).
 - ``HF_ENDPOINT``: the Hugging Face Hub to talk to (``https://huggingface.co``); trusted, not subject to the
@@ -32,8 +41,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from sdxl_worker.lora.civitai_source import CIVITAI_DOMAINS
 
 GIB = 1024**3
+MIB = 1024**2
+DEFAULT_MIN_FREE_MB = 1024
 VERIFY_MODES = ("first", "always", "changed")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -60,7 +74,10 @@ class CacheSettings:
     read_timeout_s: float = 60.0
     download_retries: int = 4
     verify_on_hit: str = "first"
-    civitai_hosts: tuple[str, ...] = ("civitai.com", "civitai.green")
+    civitai_hosts: tuple[str, ...] = CIVITAI_DOMAINS
+    civitai_api_base: str = "https://civitai.com"
+    min_free_bytes: int = DEFAULT_MIN_FREE_MB * MIB
+    pinned_sources: tuple[str, ...] = ()
     retry_backoff_s: float = 1.0
     retry_wait_max_s: float = 30.0
     lock_stale_s: float = 180.0
@@ -69,6 +86,7 @@ class CacheSettings:
     lease_stale_s: float = 900.0
     evict_grace_s: float = 120.0
     tmp_stale_s: float = 3600.0
+    free_check_bytes: int = 8 * MIB        # how often (bytes written) a download re-reads the free space
 
     def __post_init__(self) -> None:
         if self.verify_on_hit not in VERIFY_MODES:
@@ -97,7 +115,23 @@ class CacheSettings:
             read_timeout_s=_number(env, "LORA_READ_TIMEOUT_S", 60.0, float),
             download_retries=_number(env, "LORA_DOWNLOAD_RETRIES", 4, int),
             verify_on_hit=(env.get("LORA_VERIFY_ON_HIT") or "first").strip().lower(),
+            civitai_api_base=_base_url(env, "CIVITAI_API_BASE", "https://civitai.com"),
+            min_free_bytes=int(_number(env, "LORA_CACHE_MIN_FREE_MB", DEFAULT_MIN_FREE_MB, float) * MIB),
+            pinned_sources=source_list(env.get("PINNED_LORAS", "")),
         )
+
+
+def source_list(value: str) -> tuple[str, ...]:
+    """The non-empty, stripped items of a comma-separated list of LoRA sources."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = (env.get(name) or default).strip().rstrip("/")
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{name} must be an http(s) URL like {default}, got {raw!r}")
+    return raw
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

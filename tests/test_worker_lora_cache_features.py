@@ -1,0 +1,99 @@
+"""Issue 8's cache features through the worker on the tiny SDXL: a Civitai AIR in a job, a pinned LoRA that stays
+in RAM under pressure, and jobs without LoRAs that never look at the free-disk floor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from sdxl_worker.lora.cache import LoraCache
+from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.lora.requests import parse_lora_requests
+from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.worker import Worker
+from tests.lora_forms import canonical_factors, write_kohya
+from tests.servers.fake_civitai import FakeCivitai
+from tests.servers.fault_http import FaultServer
+from tests.worker_env import small_job
+
+
+@pytest.fixture(scope="module")
+def lora_bodies(tmp_path_factory, tiny_model_dir) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("feature-loras")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    return {name: write_kohya(folder / f"{name}.safetensors",
+                              canonical_factors(pipe, ("unet",), rank=4, seed=60 + index)).read_bytes()
+            for index, name in enumerate(("pinned", "one", "two", "civitai"))}
+
+
+@pytest.fixture(scope="module")
+def server(lora_bodies):
+    with FaultServer() as running:
+        for name, body in lora_bodies.items():
+            running.route(f"/{name}.safetensors", body=body)
+        FakeCivitai(running).add_version(5150, lora_bodies["civitai"], trained_words=["tinystyle"])
+        yield running
+
+
+def make_worker(tmp_path, server, ram_budget: int = 2 * 1024**3, free_bytes=None, **settings) -> Worker:
+    from handler import get_worker
+
+    options = {"cache_dir": tmp_path / "cache", "allow_private_hosts": True, "civitai_api_base": server.url(""),
+               **settings}
+    return Worker(get_worker().pipes, LoraCache(CacheSettings(**options), free_bytes), LoraRamCache(ram_budget))
+
+
+def run(worker: Worker, **job) -> dict:
+    return asyncio.run(worker.run({"id": "feature-job", "input": small_job(**job)}))
+
+
+def test_a_civitai_air_in_a_job_is_fetched_once_and_applied(worker_handler, server, tmp_path):
+    worker = make_worker(tmp_path, server)
+    plain = run(worker, seed=70)["images"]
+    first = run(worker, seed=70, loras=["urn:air:sdxl:lora:civitai:1@5150"])
+    second = run(worker, seed=70, loras=[{"path": "civitai:5150", "scale": 1.0}])
+    assert "error" not in first and first["images"] != plain and first["images"] == second["images"]
+    report = first["loras"][0]
+    assert report["cache_hit"] is False and report["modules_patched"] == {"unet": 96}
+    assert report["file"] == "pixel-style.safetensors" and second["loras"][0]["cache_hit"] is True
+    assert server.count(FakeCivitai.api_path(5150)) == 1
+    requests, _ = parse_lora_requests(["civitai:5150"], 8)
+    assert worker.lora_cache.resolve_all(requests)[0].trigger_words == ("tinystyle",)
+
+
+def test_a_pinned_lora_is_preloaded_and_stays_in_ram_while_others_are_evicted(worker_handler, server, tmp_path):
+    pinned = server.url("/pinned.safetensors")
+    worker = make_worker(tmp_path, server, ram_budget=1, pinned_sources=(pinned,))
+    worker.preload([], [pinned])
+    for name in ("one", "two"):
+        assert run(worker, loras=[server.url(f"/{name}.safetensors")])["loras"][0]["ram_cache_hit"] is False
+    reports = run(worker, loras=[pinned, server.url("/one.safetensors")])["loras"]
+    assert [report["ram_cache_hit"] for report in reports] == [True, False]
+    assert [report["cache_hit"] for report in reports] == [True, True]
+
+
+def test_a_bad_pinned_source_stops_the_start_naming_the_variable(worker_handler, server, tmp_path):
+    worker = make_worker(tmp_path, server)
+    with pytest.raises(ValueError, match=r"^PINNED_LORAS: PINNED_LORAS\[1\]: 'civitai:' must name a model version"):
+        worker.preload([server.url("/one.safetensors")], [server.url("/two.safetensors"), "civitai:x"])
+    with pytest.raises(ValueError, match=r"^PRELOAD_LORAS: PRELOAD_LORAS\[0\]: unsupported URL scheme"):
+        worker.preload(["ftp://example.com/x.safetensors"], [])
+
+
+def test_jobs_without_loras_never_read_the_free_space(worker_handler, server, tmp_path):
+    reads = []
+
+    def full_disk() -> int:
+        reads.append(1)
+        return 0
+
+    worker = make_worker(tmp_path, server, free_bytes=full_disk, min_free_bytes=1)
+    plain = run(worker, seed=71)
+    assert reads == [] and "error" not in plain
+    refused = run(worker, seed=71, loras=[server.url("/one.safetensors")])
+    assert refused["error"].startswith("loras[0] (") and "not enough free disk space" in refused["error"]
+    assert reads  # the control: a job with a new LoRA does read it
+    assert run(worker, seed=71)["images"] == plain["images"]
