@@ -150,4 +150,11 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
         "default": None,
         "describe": "a list of LoRA sources (strings) or objects with path and scale",
     },
+    "append_trigger_words": {
+        "type": bool,
+        "required": False,
+        "default": False,
+        "constraints": lambda value: isinstance(value, bool),
+        "describe": "true or false",
+    },
 }

@@ -24,9 +24,10 @@ URL or Hugging Face source:
    ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
    ``in_use``).
 
-Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it). A downloaded entry's
-folder is verified like a hit; a hand-placed file or PEFT folder is checked (``file_checks``) and hashed the first
-time this process sees it, and again when its size, mtime or inode change.
+Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it); a name without a weights
+extension that is absent is tried with ``.safetensors`` (``<lora:my-style>`` finds ``my-style.safetensors``, as
+in A1111). A downloaded entry's folder is verified like a hit; a hand-placed file or PEFT folder is checked
+(``file_checks``) and hashed the first time this process sees it, and again when its size, mtime or inode change.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from sdxl_worker.lora.manifest import (
 )
 from sdxl_worker.lora.owners import Heartbeat, owner_record
 from sdxl_worker.lora.redact import public_url, scrub
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.lora.requests import CACHE_DEFAULT_EXTENSION, LoraRequest
 from sdxl_worker.lora.settings import CacheSettings
 from sdxl_worker.lora.transfer_progress import TransferProgress, format_size
 from sdxl_worker.lora.url_safety import resolve_in_cache
@@ -144,7 +145,7 @@ class LoraCache:
     # -- public API -------------------------------------------------------------------------------------------
 
     def resolve(self, request: LoraRequest, progress: Progress | None = None) -> ResolvedLora:
-        """Find or fetch one LoRA; ``LoraError`` ``"loras[i] (label): cause"`` on any failure, nothing cached then."""
+        """Find or fetch one LoRA; ``LoraError`` ``"<ref> (label): cause"`` on any failure, nothing cached then."""
         return self._resolve(request, progress, frozenset())
 
     def resolve_all(self, requests: Iterable[LoraRequest], progress: Progress | None = None) -> list[ResolvedLora]:
@@ -183,6 +184,25 @@ class LoraCache:
                 self._in_use.subtract(keys)
                 self._in_use = +self._in_use
 
+    def find_by_name(self, name: str) -> Path | None:
+        """The cache-root file or folder a cache name stands for (``name``, else ``name.safetensors`` when ``name``
+        has no weights extension), symlinks resolved; ``None`` when neither exists. ``LoraError`` for unsafe names."""
+        candidates = [name]
+        if Path(name).suffix.lower() not in WEIGHT_EXTENSIONS:
+            candidates.append(name + CACHE_DEFAULT_EXTENSION)
+        for candidate in candidates:
+            path = resolve_in_cache(self.root, candidate)
+            if path.exists():
+                return path
+        return None
+
+    def name_exists(self, name: str) -> bool:
+        """Whether ``find_by_name`` finds something (an unsafe name counts as present: resolving reports it)."""
+        try:
+            return self.find_by_name(name) is not None
+        except LoraError:
+            return True
+
     def stats(self) -> dict[str, object]:
         """Entries and bytes of downloaded entries, the budget, hand-placed entries, and this process's counters."""
         entries = scan_entries(self.root)
@@ -209,7 +229,7 @@ class LoraCache:
 
     def _resolve(self, request: LoraRequest, progress: Progress | None, protect: frozenset[str]) -> ResolvedLora:
         start = time.perf_counter()
-        prefix = f"loras[{request.index}] ({self._shown(request)})"
+        prefix = f"{request.ref} ({self._shown(request)})"
         try:
             if request.kind == "cache":
                 resolved = self._resolve_by_name(request)
@@ -301,8 +321,8 @@ class LoraCache:
             LOG.debug("could not update last_used_at of %s", entry.name, exc_info=True)
 
     def _resolve_by_name(self, request: LoraRequest) -> ResolvedLora:
-        path = resolve_in_cache(self.root, request.source)
-        if not path.exists():
+        path = self.find_by_name(request.source)
+        if path is None:
             raise LoraError(f"no entry named '{request.source}' in the LoRA cache")
         manifest = read_manifest(path) if path.is_dir() else None
         if manifest is not None:
