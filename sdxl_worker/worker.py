@@ -19,7 +19,7 @@ Timings: ``lora_fetch`` and ``lora_load`` are the LoRA work wherever it ran; ``l
 LoRAs named by prompt tags arrive with the ``loras`` list from validation (``JobParams.prompt`` has the tags
 removed). Before any LoRA's tensors are read, its header metadata is checked (``lora.metadata``: a LoRA trained for
 another base model is refused). With ``append_trigger_words`` the LoRAs are resolved before the pipeline starts,
-since their trigger words change the prompt.
+since their trigger words change the prompt. An input with ``action`` is a cache action (``cache_actions``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from sdxl_worker.cache_actions import CacheActions, is_action
 from sdxl_worker.errors import JobError, LoraError
 from sdxl_worker.first_call import before_first_call
 from sdxl_worker.generation import generate
@@ -82,6 +83,7 @@ class Worker:
         self.lora_cache = lora_cache
         self.ram_cache = ram_cache
         self.aliases = aliases or {}
+        self.actions = CacheActions(lora_cache, ram_cache, self.aliases)
         self.patcher = LoraPatcher(pipes.base, reuse_fused=os.environ.get("LORA_REUSE_FUSED", "1") != "0")
         self.overlap_loras = os.environ.get("LORA_OVERLAP", "1") != "0"
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -123,6 +125,8 @@ class Worker:
     async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         timer = PhaseTimer()
         progress = JobProgress(job)
+        if is_action(job.get("input")):
+            return await asyncio.to_thread(self.actions.run, job["input"], progress.message)
         with timer.phase("validate"):
             params = validate_job_input(job.get("input"), self.lora_cache.settings.max_per_request, self.aliases)
             raise_if_any(unknown_name_errors(params.loras, self.lora_cache.name_exists))

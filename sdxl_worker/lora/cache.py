@@ -28,6 +28,9 @@ Cache name (no ``/``): a file or folder in the cache root (symlinks must stay in
 extension that is absent is tried with ``.safetensors`` (``<lora:my-style>`` finds ``my-style.safetensors``, as
 in A1111). A downloaded entry's folder is verified like a hit; a hand-placed file or PEFT folder is checked
 (``file_checks``) and hashed the first time this process sees it, and again when its size, mtime or inode change.
+
+``evict_entry`` deletes one downloaded entry under the eviction rules (never one in use); hand-placed files are the
+endpoint owner's and are never deleted here.
 """
 
 from __future__ import annotations
@@ -203,11 +206,39 @@ class LoraCache:
         except LoraError:
             return True
 
+    def known_sha256(self, path: Path) -> str | None:
+        """The sha256 this process computed for a hand-placed file or PEFT folder, if it is still current."""
+        weights = path
+        if path.is_dir():
+            weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+        try:
+            memo_key = (weights, *_stamp(weights)) if weights is not None else None
+        except OSError:
+            return None
+        with self._lock:
+            known = self._local.get(memo_key) if memo_key else None
+        return known[0] if known else None
+
+    def is_in_use(self, key: str) -> bool:
+        """Whether a job of this process holds downloaded entry ``key``, or any process holds a lease on it."""
+        return self._held(key) or self._leases.live(key)
+
+    def evict_entry(self, key: str) -> str | None:
+        """Delete downloaded entry ``key`` now; ``None`` when deleted, else why not (in use, recent, not an entry)."""
+        reason = self._evictor.remove(key)
+        if reason is None:
+            self._count("evictions")
+        return reason
+
+    def hand_placed(self) -> list[Path]:
+        """Everything in the cache root that is neither internal (``.*``) nor named like a downloaded entry."""
+        return sorted(child for child in self.root.iterdir()
+                      if not child.name.startswith(".") and not KEY_PATTERN.match(child.name))
+
     def stats(self) -> dict[str, object]:
         """Entries and bytes of downloaded entries, the budget, hand-placed entries, and this process's counters."""
         entries = scan_entries(self.root)
-        hand_placed = [child for child in self.root.iterdir()
-                       if not child.name.startswith(".") and not KEY_PATTERN.match(child.name)]
+        hand_placed = self.hand_placed()
         with self._lock:
             counts = dict(self._counts)
         return {"root": str(self.root), "entries": len(entries), "size_bytes": sum(entry.size for entry in entries),

@@ -46,6 +46,12 @@ class LoraRamCache:
         with self._lock:
             return sum(entry.nbytes for entry in self._entries.values())
 
+    def stats(self) -> dict[str, int]:
+        """Entries, bytes, budget and this process's hit/miss counts."""
+        with self._lock:
+            return {"entries": len(self._entries), "size_bytes": sum(entry.nbytes for entry in self._entries.values()),
+                    "budget_bytes": self.budget_bytes, "hits": self.hits, "misses": self.misses}
+
     def get_or_load(self, key: str, loader: Callable[[], ParsedLora]) -> tuple[ParsedLora, bool]:
         """The cached LoRA for ``key`` (and True), or ``loader()``'s result, cached (and False)."""
         with self._lock:
