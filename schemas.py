@@ -5,6 +5,9 @@ default. The SDK checks unknown keys, required keys and types and fills in defau
 ``constraints`` whenever the value has the type of the default, so ``sdxl_worker.validation`` runs every
 constraint itself. ``constraints`` never raise on a value of the wrong type, and ``describe`` says what the
 constraint accepts, for the error message.
+
+``ACTION_SCHEMAS``: the cache actions (``{"input": {"action": "list_loras"}}`` and the others), one schema per action,
+checked with the same rigor (``sdxl_worker.cache_actions``). A generation job has no ``action``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ SCHEDULERS = (
 )
 MAX_PROMPT_CHARS = 10_000
 MAX_IMAGES = 4
+ACTIONS = ("list_loras", "prefetch", "evict", "cache_stats")
+MAX_ACTION_LORAS = 32
 
 
 def _is_int(value: Any) -> bool:
@@ -150,4 +155,30 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
         "default": None,
         "describe": "a list of LoRA sources (strings) or objects with path and scale",
     },
+    "append_trigger_words": {
+        "type": bool,
+        "required": False,
+        "default": False,
+        "constraints": lambda value: isinstance(value, bool),
+        "describe": "true or false",
+    },
+}
+
+_ACTION = {
+    "type": str,
+    "required": True,
+    "constraints": lambda value: value in ACTIONS,
+    "describe": "one of " + ", ".join(ACTIONS),
+}
+_ACTION_LORAS = {
+    "type": list,
+    "required": True,
+    "constraints": lambda value: isinstance(value, list) and 1 <= len(value) <= MAX_ACTION_LORAS,
+    "describe": f"a list of 1..{MAX_ACTION_LORAS} LoRA entries (the forms of a job's loras, aliases included)",
+}
+ACTION_SCHEMAS: dict[str, dict[str, dict[str, Any]]] = {
+    "list_loras": {"action": _ACTION},
+    "cache_stats": {"action": _ACTION},
+    "prefetch": {"action": _ACTION, "loras": _ACTION_LORAS},
+    "evict": {"action": _ACTION, "loras": _ACTION_LORAS},
 }

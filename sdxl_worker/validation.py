@@ -1,4 +1,8 @@
-"""Step 1 of a job: turn the raw ``input`` into typed parameters, or one error naming every bad field."""
+"""Step 1 of a job: turn the raw ``input`` into typed parameters, or one error naming every bad field.
+
+LoRAs come from the ``loras`` list and from ``<lora:NAME:WEIGHT>`` tags in ``prompt`` (``lora.prompt_tags``), both
+resolved through ``LORA_ALIASES``; ``JobParams.prompt`` is the prompt the model sees, tags removed.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from runpod.serverless.utils.rp_validator import validate
 
 from schemas import INPUT_SCHEMA
 from sdxl_worker.errors import InputError
-from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests
+from sdxl_worker.lora.prompt_tags import extract_lora_tags, merge_tag_requests, negative_prompt_errors
+from sdxl_worker.lora.requests import Aliases, LoraRequest, parse_lora_requests
 
 _SDK_RULE_KEYS = ("type", "required", "default")
 _MAX_SHOWN_VALUE = 60
+Schema = dict[str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class JobParams:
     num_images: int = 1
     high_noise_frac: float | None = None
     loras: list[LoraRequest] = field(default_factory=list)
+    append_trigger_words: bool = False
 
 
 def _shown(value: Any) -> str:
@@ -42,15 +49,15 @@ def _shown(value: Any) -> str:
     return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
 
 
-def _sdk_schema() -> dict[str, dict[str, Any]]:
+def _sdk_schema(schema: Schema) -> Schema:
     """The schema as the SDK sees it: its own rule keys only (constraints are checked here, once)."""
-    return {name: {key: rules[key] for key in _SDK_RULE_KEYS if key in rules} for name, rules in INPUT_SCHEMA.items()}
+    return {name: {key: rules[key] for key in _SDK_RULE_KEYS if key in rules} for name, rules in schema.items()}
 
 
-def _float_overflow_errors(raw: dict[str, Any]) -> list[str]:
+def _float_overflow_errors(raw: dict[str, Any], schema: Schema) -> list[str]:
     """The SDK calls float() on ints for float fields; an int beyond float range would raise there."""
     errors = []
-    for name, rules in INPUT_SCHEMA.items():
+    for name, rules in schema.items():
         value = raw.get(name)
         if rules["type"] is float and isinstance(value, int) and not isinstance(value, bool):
             if abs(value) > sys.float_info.max:
@@ -58,34 +65,59 @@ def _float_overflow_errors(raw: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _constraint_errors(values: dict[str, Any]) -> list[str]:
+def _constraint_errors(values: dict[str, Any], schema: Schema) -> list[str]:
     errors = []
-    for name, rules in INPUT_SCHEMA.items():
+    for name, rules in schema.items():
         check = rules.get("constraints")
         if check is not None and name in values and not check(values[name]):
             errors.append(f"{name}: must be {rules['describe']}, got {_shown(values[name])}")
     return errors
 
 
-def validate_job_input(raw: Any, max_loras: int) -> JobParams:
-    """Validate a job's ``input`` against ``INPUT_SCHEMA`` and the LoRA rules; raise ``InputError`` listing all problems."""
+def require_object(raw: Any) -> dict[str, Any]:
+    """``raw`` when it is a JSON object, else ``InputError``."""
     if not isinstance(raw, dict):
         raise InputError(f"Invalid input: input must be a JSON object, got {type(raw).__name__}")
-    errors = _float_overflow_errors(raw)
-    if errors:
-        raise InputError("Invalid input: " + "; ".join(errors))
-    checked = validate(copy.copy(raw), _sdk_schema())
-    errors = list(checked.get("errors", []))
-    values = checked.get("validated_input", raw)
-    errors += _constraint_errors(values)
-    loras: list[LoraRequest] = []
-    if values.get("loras") is not None:
-        loras, lora_errors = parse_lora_requests(values["loras"], max_loras)
-        errors += lora_errors
+    return raw
+
+
+def raise_if_any(errors: list[str]) -> None:
+    """One ``InputError`` listing every problem (each once), if there are any."""
     if errors:
         raise InputError("Invalid input: " + "; ".join(dict.fromkeys(errors)))
-    params = {name: values[name] for name in INPUT_SCHEMA if name != "loras"}
+
+
+def check_fields(raw: dict[str, Any], schema: Schema) -> tuple[dict[str, Any], list[str]]:
+    """``raw`` against ``schema``: the SDK's checks (unknown keys, required, types, defaults), then every constraint.
+
+    Returns ``(values with defaults filled in, errors)``.
+    """
+    errors = _float_overflow_errors(raw, schema)
+    if errors:
+        return {}, errors
+    checked = validate(copy.copy(raw), _sdk_schema(schema))
+    values = checked.get("validated_input", raw)
+    return values, list(checked.get("errors", [])) + _constraint_errors(values, schema)
+
+
+def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None) -> JobParams:
+    """Validate a job's ``input`` against ``INPUT_SCHEMA`` and the LoRA rules; raise ``InputError`` listing all problems.
+
+    ``aliases`` (``LORA_ALIASES``) resolve names in ``loras`` and in prompt tags.
+    """
+    values, errors = check_fields(require_object(raw), INPUT_SCHEMA)
+    prompt, tags = values.get("prompt"), []
+    if INPUT_SCHEMA["prompt"]["constraints"](prompt):
+        prompt, tags = extract_lora_tags(prompt, errors)
+    if isinstance(values.get("negative_prompt"), str):
+        errors += negative_prompt_errors(values["negative_prompt"])
+    listed, lora_errors = parse_lora_requests(values.get("loras"), max_loras, aliases)
+    errors += lora_errors
+    listed_count = len(values["loras"]) if isinstance(values.get("loras"), list) else 0
+    loras = merge_tag_requests(listed, tags, listed_count, max_loras, aliases or {}, errors)
+    raise_if_any(errors)
+    params = {name: values[name] for name in INPUT_SCHEMA if name not in ("loras", "prompt")}
     for name in ("guidance_scale", "strength", "high_noise_frac"):
         if params[name] is not None:
             params[name] = float(params[name])
-    return JobParams(**params, loras=loras)
+    return JobParams(prompt=prompt, **params, loras=loras)

@@ -15,11 +15,17 @@ the first attempt stops at the UNet's first call and the job runs again in order
 Timings: ``lora_fetch`` and ``lora_load`` are the LoRA work wherever it ran; ``lora_wait`` + ``lora_apply`` +
 ``lora_restore`` is what the LoRAs added to the job's latency (``lora_wait`` and ``lora_apply`` fall inside
 ``generate`` when overlapped).
+
+LoRAs named by prompt tags arrive with the ``loras`` list from validation (``JobParams.prompt`` has the tags
+removed). Before any LoRA's tensors are read, its header metadata is checked (``lora.metadata``: a LoRA trained for
+another base model is refused). With ``append_trigger_words`` the LoRAs are resolved before the pipeline starts,
+since their trigger words change the prompt. An input with ``action`` is a cache action (``cache_actions``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,21 +38,25 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from sdxl_worker.cache_actions import CacheActions, is_action
 from sdxl_worker.errors import JobError, LoraError
 from sdxl_worker.first_call import before_first_call
 from sdxl_worker.generation import generate
 from sdxl_worker.input_image import load_init_image
+from sdxl_worker.lora.aliases import load_aliases, unknown_name_errors
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
 from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
 from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.lora.metadata import base_model_problem, job_trigger_words, metadata_of
 from sdxl_worker.lora.parsing import PEFT_CONFIG, TEXT_ENCODERS, ParsedLora, load_lora
 from sdxl_worker.lora.pinning import parse_sources
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.lora.prompt_tags import with_trigger_words
+from sdxl_worker.lora.requests import Aliases, LoraRequest
 from sdxl_worker.lora.settings import source_list
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output import encode_images, upload_enabled
 from sdxl_worker.progress import JobProgress
-from sdxl_worker.validation import JobParams, validate_job_input
+from sdxl_worker.validation import JobParams, raise_if_any, validate_job_input
 
 LOG = logging.getLogger(__name__)
 
@@ -69,10 +79,13 @@ class PhaseTimer:
 class Worker:
     """Serves jobs on pipelines loaded once; see the module docstring for the order of the steps."""
 
-    def __init__(self, pipes: Pipelines, lora_cache: LoraCache, ram_cache: LoraRamCache) -> None:
+    def __init__(self, pipes: Pipelines, lora_cache: LoraCache, ram_cache: LoraRamCache,
+                 aliases: Aliases | None = None) -> None:
         self.pipes = pipes
         self.lora_cache = lora_cache
         self.ram_cache = ram_cache
+        self.aliases = aliases or {}
+        self.actions = CacheActions(lora_cache, ram_cache, self.aliases)
         self.patcher = LoraPatcher(pipes.base, reuse_fused=os.environ.get("LORA_REUSE_FUSED", "1") != "0")
         self.overlap_loras = os.environ.get("LORA_OVERLAP", "1") != "0"
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
@@ -80,11 +93,12 @@ class Worker:
 
     @classmethod
     def from_env(cls) -> Worker:
-        """Load the models chosen by the environment, open the LoRA caches and preload ``PRELOAD_LORAS`` and
-        ``PINNED_LORAS``."""
+        """Read ``LORA_ALIASES``, load the models chosen by the environment, open the LoRA caches and preload
+        ``PRELOAD_LORAS`` and ``PINNED_LORAS``."""
+        aliases = load_aliases()
         device, dtype = pick_device_and_dtype()
         pipes = load_pipelines(choose_models(), device, dtype)
-        worker = cls(pipes, LoraCache.from_env(), LoraRamCache.from_env())
+        worker = cls(pipes, LoraCache.from_env(), LoraRamCache.from_env(), aliases)
         preload = list(source_list(os.environ.get("PRELOAD_LORAS", "")))
         pinned = list(worker.lora_cache.settings.pinned_sources)
         if preload or pinned:
@@ -94,9 +108,9 @@ class Worker:
     def preload(self, sources: list[str], pinned: list[str] | None = None) -> None:
         """Fetch and parse LoRAs into the disk and RAM caches before the first job, ``pinned`` ones pinned in RAM
         (the disk cache pins ``PINNED_LORAS`` itself); a bad source stops the start."""
-        pinned_requests = parse_sources("PINNED_LORAS", pinned or [])
+        pinned_requests = parse_sources("PINNED_LORAS", pinned or [], self.aliases)
         pinned_ids = {request.identity for request in pinned_requests}
-        requests = [request for request in parse_sources("PRELOAD_LORAS", sources)
+        requests = [request for request in parse_sources("PRELOAD_LORAS", sources, self.aliases)
                     if request.identity not in pinned_ids] + pinned_requests
         resolved = self.lora_cache.resolve_all(requests)
         self.ram_cache.pin(ram_cache_key(item) for item in resolved if item.request.identity in pinned_ids)
@@ -119,14 +133,23 @@ class Worker:
     async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         timer = PhaseTimer()
         progress = JobProgress(job)
+        if is_action(job.get("input")):
+            return await asyncio.to_thread(self.actions.run, job["input"], progress.message)
         with timer.phase("validate"):
-            params = validate_job_input(job.get("input"), self.lora_cache.settings.max_per_request)
+            params = validate_job_input(job.get("input"), self.lora_cache.settings.max_per_request, self.aliases)
+            raise_if_any(unknown_name_errors(params.loras, self.lora_cache.name_exists))
             upload_enabled()
         init_image = None
         if params.image_url is not None:
             with timer.phase("load_image"):
                 init_image = await asyncio.to_thread(load_init_image, params.image_url, self.lora_cache.settings)
-        pending = await self._start_loras(params.loras, progress, timer) if params.loras else None
+        resolved = None
+        if params.loras and params.append_trigger_words:
+            with timer.phase("lora_wait"), timer.phase("lora_fetch"):
+                resolved = await asyncio.to_thread(self.lora_cache.resolve_all, params.loras, progress.message)
+            words = await asyncio.to_thread(job_trigger_words, resolved)
+            params = dataclasses.replace(params, prompt=with_trigger_words(params.prompt, words))
+        pending = await self._start_loras(params.loras, progress, timer, resolved) if params.loras else None
         if pending is not None and not self._overlaps(init_image):
             with timer.phase("lora_wait"):
                 await asyncio.wrap_future(pending)  # the pipeline is taken only once the LoRAs are ready
@@ -136,6 +159,8 @@ class Worker:
         with timer.phase("encode"):
             encoded = await asyncio.to_thread(encode_images, images, job_id)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
+        if params.prompt != job["input"]["prompt"]:
+            output["prompt"] = params.prompt
         if params.loras:
             output["loras"] = [lora_report(item, report) for item, report in zip(loaded, reports)]
             for entry in output["loras"]:
@@ -144,7 +169,12 @@ class Worker:
         return output
 
     def load_all(self, resolved: list[ResolvedLora]) -> list[LoadedLora]:
-        """Parse resolved LoRAs onto the pipeline's device, through the RAM cache."""
+        """Parse resolved LoRAs onto the pipeline's device, through the RAM cache, after checking every one's
+        metadata (a LoRA trained for another base model is refused before any tensor is read)."""
+        for item in resolved:
+            problem = base_model_problem(metadata_of(item))
+            if problem:
+                raise LoraError(f"{item.request.ref} ({item.request.label}): {problem}")
         loaded = []
         for item in resolved:
             start = time.perf_counter()
@@ -157,17 +187,19 @@ class Worker:
             return load_lora(item.path, ram_cache_key(item), unet_config=self.pipes.base.unet.config,
                              device=self.pipes.device, dtype=self.pipes.dtype)
         except LoraError as error:
-            raise LoraError(f"loras[{item.request.index}] ({item.request.label}): {error}") from None
+            raise LoraError(f"{item.request.ref} ({item.request.label}): {error}") from None
 
     def _overlaps(self, init_image: Image.Image | None) -> bool:
         """Whether the base UNet is the first model to need the LoRAs (not so for img2img through the refiner)."""
         return self.overlap_loras and (init_image is None or self.pipes.refiner is None)
 
-    async def _start_loras(self, requests: list[LoraRequest], progress: JobProgress,
-                           timer: PhaseTimer) -> Future[list[LoadedLora]]:
-        """Start the job's LoRA work on a loader thread; downloads are awaited here, before the pipeline is taken."""
-        resolved = None
-        if not all(self.lora_cache.has_local_copy(request) for request in requests):
+    async def _start_loras(self, requests: list[LoraRequest], progress: JobProgress, timer: PhaseTimer,
+                           resolved: list[ResolvedLora] | None) -> Future[list[LoadedLora]]:
+        """Start the job's LoRA work on a loader thread; downloads are awaited here, before the pipeline is taken.
+
+        ``resolved``: the requests already resolved, or ``None``.
+        """
+        if resolved is None and not all(self.lora_cache.has_local_copy(request) for request in requests):
             with timer.phase("lora_wait"), timer.phase("lora_fetch"):
                 resolved = await asyncio.to_thread(self.lora_cache.resolve_all, requests, progress.message)
         return self._loader_threads.submit(self._fetch_and_load, requests, resolved, progress, timer)
@@ -182,7 +214,7 @@ class Worker:
 
     def _apply(self, loaded: list[LoadedLora], timer: PhaseTimer) -> list[ApplyReport]:
         loras = [(item.parsed, item.resolved.request.scale,
-                  f"loras[{item.resolved.request.index}] ({item.resolved.request.label})") for item in loaded]
+                  f"{item.resolved.request.ref} ({item.resolved.request.label})") for item in loaded]
         with timer.phase("lora_apply"):
             return self.patcher.apply(loras)
 
@@ -262,4 +294,5 @@ def lora_report(item: LoadedLora, report: ApplyReport) -> dict[str, Any]:
         "fetch_ms": round(item.resolved.fetch_ms, 2),
         "load_ms": round(item.load_ms, 2),
         **report.as_dict(),
+        "metadata": metadata_of(item.resolved).report(),
     }

@@ -39,13 +39,14 @@ def canonical_factors(pipe, components: tuple[str, ...], rank: int, seed: int, u
     return factors
 
 
-def write_kohya(path: Path, factors: Factors) -> Path:
-    """``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (kohya, A1111, Civitai)."""
+def write_kohya(path: Path, factors: Factors, metadata: dict[str, str] | None = None) -> Path:
+    """``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (kohya, A1111, Civitai), with optional
+    header ``metadata`` (kohya's ``ss_*`` fields, ``modelspec.*``)."""
     state = {}
     for (component, name), (down, up, alpha) in factors.items():
         key = f"{KOHYA_PREFIXES[component]}_{name.replace('.', '_')}"
         state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
-    save_file(state, str(path))
+    save_file(state, str(path), metadata=metadata)
     return path
 
 

@@ -33,6 +33,17 @@ def test_test_input_flag_with_bad_input_exits_non_zero_naming_the_field(tmp_path
     assert "width: must be" in done.stdout + done.stderr
 
 
+def test_test_input_flag_runs_a_cache_action(tmp_path, tiny_model_dir):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "hand.safetensors").write_bytes(b"x")
+    job = json.dumps({"input": {"action": "cache_stats"}})
+    done = run_handler_cli(["--test_input", job], tmp_path, subprocess_env(tmp_path / "loras"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "completed successfully" in done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    assert "'action': 'cache_stats', 'disk': {" in log and "'user_entries': 1" in log
+
+
 def test_test_input_json_in_working_folder(tmp_path, tiny_model_dir):
     shutil.copy(PROJECT_ROOT / "test_input.json", tmp_path / "test_input.json")
     done = run_handler_cli([], tmp_path, subprocess_env(tmp_path / "loras"))
@@ -92,3 +103,12 @@ def test_bad_job_over_http_fails_with_the_field_named_and_the_server_keeps_servi
     assert body["status"] == "FAILED" and "scheduler" in body["error"]
     body = requests.post(local_api + "/runsync", json={"input": small_job()}, timeout=300).json()
     assert body["status"] == "COMPLETED"
+
+
+def test_cache_actions_over_http_and_a_bad_action_named(local_api):
+    body = requests.post(local_api + "/runsync", json={"input": {"action": "list_loras"}}, timeout=60).json()
+    assert body["status"] == "COMPLETED", body
+    assert {"entries", "hand_placed", "aliases", "cache_dir"} <= set(body["output"])
+    body = requests.post(local_api + "/runsync", json={"input": {"action": "list_loras", "loras": ["x"]}},
+                         timeout=60).json()
+    assert body["status"] == "FAILED" and "loras is not a valid input option" in body["error"]

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
 
 from sdxl_worker.lora.cache import LoraCache
 from sdxl_worker.lora.memory_cache import LoraRamCache
@@ -24,9 +25,11 @@ from tests.worker_env import small_job
 def lora_bodies(tmp_path_factory, tiny_model_dir) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("feature-loras")
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
-    return {name: write_kohya(folder / f"{name}.safetensors",
-                              canonical_factors(pipe, ("unet",), rank=4, seed=60 + index)).read_bytes()
-            for index, name in enumerate(("pinned", "one", "two", "civitai"))}
+    files = {name: write_kohya(folder / f"{name}.safetensors", canonical_factors(pipe, ("unet",), rank=4, seed=60 + i))
+             for i, name in enumerate(("pinned", "one", "two", "civitai"))}
+    save_file(load_file(files["civitai"]), str(files["civitai"]),
+              metadata={"modelspec.trigger_phrase": "filestyle, TinyStyle"})  # its own words, one shared
+    return {name: path.read_bytes() for name, path in files.items()}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +65,21 @@ def test_a_civitai_air_in_a_job_is_fetched_once_and_applied(worker_handler, serv
     assert server.count(FakeCivitai.api_path(5150)) == 1
     requests, _ = parse_lora_requests(["civitai:5150"], 8)
     assert worker.lora_cache.resolve_all(requests)[0].trigger_words == ("tinystyle",)
+    assert report["metadata"]["trigger_words"] == ["tinystyle", "filestyle"]  # Civitai's first, each word once
+    appended = run(worker, seed=70, loras=["civitai:5150"], append_trigger_words=True)
+    assert appended["prompt"] == small_job()["prompt"] + ", tinystyle, filestyle"
+    assert appended["images"] == run(worker, seed=70, loras=["civitai:5150"],
+                                     prompt=appended["prompt"])["images"]
+
+
+def test_the_evict_action_refuses_a_pinned_entry(worker_handler, server, tmp_path):
+    pinned, other = server.url("/pinned.safetensors"), server.url("/one.safetensors")
+    worker = make_worker(tmp_path, server, pinned_sources=(pinned,), evict_grace_s=0.0)
+    worker.preload([other], [pinned])
+    result = asyncio.run(worker.run({"id": "evict", "input": {"action": "evict", "loras": [pinned, other]}}))
+    assert [entry["status"] for entry in result["loras"]] == ["refused", "evicted"], result
+    assert "pinned" in result["loras"][0]["reason"]
+    assert run(worker, loras=[pinned])["loras"][0]["cache_hit"] is True
 
 
 def test_a_pinned_lora_is_preloaded_and_stays_in_ram_while_others_are_evicted(worker_handler, server, tmp_path):

@@ -26,9 +26,13 @@ URL, Hugging Face or Civitai source (every form of one Civitai version shares on
    ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
    ``in_use``). Entries pinned by ``PINNED_LORAS`` are never evicted (``pinned_keys``).
 
-Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it). A downloaded entry's
-folder is verified like a hit; a hand-placed file or PEFT folder is checked (``file_checks``) and hashed the first
-time this process sees it, and again when its size, mtime or inode change.
+Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it); a name without a weights
+extension that is absent is tried with ``.safetensors`` (``<lora:my-style>`` finds ``my-style.safetensors``, as
+in A1111). A downloaded entry's folder is verified like a hit; a hand-placed file or PEFT folder is checked
+(``file_checks``) and hashed the first time this process sees it, and again when its size, mtime or inode change.
+
+``evict_entry`` deletes one downloaded entry under the eviction rules (never one in use); hand-placed files are the
+endpoint owner's and are never deleted here.
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ from sdxl_worker.lora.manifest import (
 from sdxl_worker.lora.owners import Heartbeat, owner_record
 from sdxl_worker.lora.pinning import parse_sources, pinned_entry_keys
 from sdxl_worker.lora.redact import public_url, scrub
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.lora.requests import CACHE_DEFAULT_EXTENSION, LoraRequest
 from sdxl_worker.lora.settings import CacheSettings
 from sdxl_worker.lora.transfer_progress import TransferProgress, format_size
 from sdxl_worker.lora.url_safety import resolve_in_cache
@@ -157,7 +161,7 @@ class LoraCache:
     # -- public API -------------------------------------------------------------------------------------------
 
     def resolve(self, request: LoraRequest, progress: Progress | None = None) -> ResolvedLora:
-        """Find or fetch one LoRA; ``LoraError`` ``"loras[i] (label): cause"`` on any failure, nothing cached then."""
+        """Find or fetch one LoRA; ``LoraError`` ``"<ref> (label): cause"`` on any failure, nothing cached then."""
         return self._resolve(request, progress, frozenset())
 
     def resolve_all(self, requests: Iterable[LoraRequest], progress: Progress | None = None) -> list[ResolvedLora]:
@@ -196,11 +200,58 @@ class LoraCache:
                 self._in_use.subtract(keys)
                 self._in_use = +self._in_use
 
+    def find_by_name(self, name: str) -> Path | None:
+        """The cache-root file or folder a cache name stands for (``name``, else ``name.safetensors`` when ``name``
+        has no weights extension), symlinks resolved; ``None`` when neither exists. ``LoraError`` for unsafe names."""
+        candidates = [name]
+        if Path(name).suffix.lower() not in WEIGHT_EXTENSIONS:
+            candidates.append(name + CACHE_DEFAULT_EXTENSION)
+        for candidate in candidates:
+            path = resolve_in_cache(self.root, candidate)
+            if path.exists():
+                return path
+        return None
+
+    def name_exists(self, name: str) -> bool:
+        """Whether ``find_by_name`` finds something (an unsafe name counts as present: resolving reports it)."""
+        try:
+            return self.find_by_name(name) is not None
+        except LoraError:
+            return True
+
+    def known_sha256(self, path: Path) -> str | None:
+        """The sha256 this process computed for a hand-placed file or PEFT folder, if it is still current."""
+        weights = path
+        if path.is_dir():
+            weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+        try:
+            memo_key = (weights, *_stamp(weights)) if weights is not None else None
+        except OSError:
+            return None
+        with self._lock:
+            known = self._local.get(memo_key) if memo_key else None
+        return known[0] if known else None
+
+    def is_in_use(self, key: str) -> bool:
+        """Whether a job of this process holds downloaded entry ``key``, or any process holds a lease on it."""
+        return self._held(key) or self._leases.live(key)
+
+    def evict_entry(self, key: str) -> str | None:
+        """Delete downloaded entry ``key`` now; ``None`` when deleted, else why not (in use, recent, not an entry)."""
+        reason = self._evictor.remove(key)
+        if reason is None:
+            self._count("evictions")
+        return reason
+
+    def hand_placed(self) -> list[Path]:
+        """Everything in the cache root that is neither internal (``.*``) nor named like a downloaded entry."""
+        return sorted(child for child in self.root.iterdir()
+                      if not child.name.startswith(".") and not KEY_PATTERN.match(child.name))
+
     def stats(self) -> dict[str, object]:
         """Entries and bytes of downloaded entries, the budget, hand-placed entries, and this process's counters."""
         entries = scan_entries(self.root)
-        hand_placed = [child for child in self.root.iterdir()
-                       if not child.name.startswith(".") and not KEY_PATTERN.match(child.name)]
+        hand_placed = self.hand_placed()
         with self._lock:
             counts = dict(self._counts)
         return {"root": str(self.root), "entries": len(entries), "size_bytes": sum(entry.size for entry in entries),
@@ -226,7 +277,7 @@ class LoraCache:
 
     def _resolve(self, request: LoraRequest, progress: Progress | None, protect: frozenset[str]) -> ResolvedLora:
         start = time.perf_counter()
-        prefix = f"loras[{request.index}] ({self._shown(request)})"
+        prefix = f"{request.ref} ({self._shown(request)})"
         try:
             if request.kind == "cache":
                 resolved = self._resolve_by_name(request)
@@ -318,8 +369,8 @@ class LoraCache:
             LOG.debug("could not update last_used_at of %s", entry.name, exc_info=True)
 
     def _resolve_by_name(self, request: LoraRequest) -> ResolvedLora:
-        path = resolve_in_cache(self.root, request.source)
-        if not path.exists():
+        path = self.find_by_name(request.source)
+        if path is None:
             raise LoraError(f"no entry named '{request.source}' in the LoRA cache")
         manifest = read_manifest(path) if path.is_dir() else None
         if manifest is not None:

@@ -8,7 +8,8 @@
   (``make_room``), deletes downloaded entries by manifest ``last_used_at``, oldest first, skipping entries that are
   pinned (``PINNED_LORAS``), protected, held by a job of this process or leased by any process, used within
   ``evict_grace_s``, or locked. One evictor at a time (``.locks/evict.lock``); files placed by hand are never
-  counted nor evicted. Pinned entries count toward the budget.
+  counted nor evicted. Pinned entries count toward the budget. ``Evictor.remove`` deletes one entry by key under the
+  same rules (the ``evict`` action); ``Evictor.refusal`` is the one place that says what may not go.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sdxl_worker.lora.transfer_progress import format_size
 LOG = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAKE_ROOM_WAIT_S = 30.0
+NOT_AN_ENTRY = "not a downloaded cache entry"
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,21 @@ class Evictor:
     def _lock(self, name: str, wait_s: float = 0) -> EntryLock:
         return EntryLock(self._root / ".locks" / f"{name}.lock", self._heartbeat, self._settings.lock_stale_s, wait_s)
 
-    def _evictable(self, key: str, last_used_at: float, protect: frozenset[str]) -> bool:
-        recent = time.time() - last_used_at < self._settings.evict_grace_s
-        return not (key in protect or key in self._pinned or recent or self._held(key) or self._leases.live(key))
+    def refusal(self, key: str, last_used_at: float, protect: frozenset[str]) -> str | None:
+        """Why entry ``key`` may not be deleted now, or ``None`` when it may."""
+        if key in self._pinned:
+            return "pinned (PINNED_LORAS)"
+        if key in protect:
+            return "in use by this job"
+        if self._held(key):
+            return "in use by a running job of this worker"
+        if self._leases.live(key):
+            return "in use by a running job (leased by a worker)"
+        age = time.time() - last_used_at
+        if age < self._settings.evict_grace_s:
+            grace = self._settings.evict_grace_s
+            return f"used {age:.0f} s ago, within the {grace:.0f} s in which a job may still be about to load it"
+        return None
 
     def _evict_oldest(self, entries: list[Entry], protect: frozenset[str],
                       done: Callable[[list[Entry]], bool]) -> list[Entry]:
@@ -158,7 +172,7 @@ class Evictor:
             return 0
         try:
             candidates = [entry for entry in scan_entries(self._root)
-                          if self._evictable(entry.key, entry.manifest.last_used_at, protect)]
+                          if self.refusal(entry.key, entry.manifest.last_used_at, protect) is None]
             if sum(entry.size for entry in candidates) < shortfall:
                 LOG.info("free-disk floor: the %d entries that may be evicted hold less than the %s needed",
                          len(candidates), format_size(shortfall))
@@ -168,18 +182,32 @@ class Evictor:
             guard.release()
 
     def _evict_one(self, entry: Entry, protect: frozenset[str]) -> bool:
-        if not self._evictable(entry.key, entry.manifest.last_used_at, protect):
+        if self.refusal(entry.key, entry.manifest.last_used_at, protect) is not None:
             return False
-        lock = self._lock(entry.key)
+        return self.remove(entry.key, protect) is None
+
+    def remove(self, key: str, protect: frozenset[str] = frozenset()) -> str | None:
+        """Delete downloaded entry ``key`` unless ``refusal`` forbids it or a fetch holds its lock.
+
+        Returns ``None`` when it was deleted, else why not.
+        """
+        folder = self._root / key
+        if not KEY_PATTERN.match(key) or folder.is_symlink() or read_manifest(folder) is None:
+            return NOT_AN_ENTRY
+        lock = self._lock(key)
         if not lock.try_acquire():
-            return False
+            return "being fetched or deleted by a worker right now"
         try:
-            current = read_manifest(self._root / entry.key)
-            if current is None or not self._evictable(entry.key, current.last_used_at, protect):
-                return False
-            trash(self._root, self._root / entry.key)
+            current = read_manifest(folder)
+            if current is None:
+                return NOT_AN_ENTRY
+            reason = self.refusal(key, current.last_used_at, protect)
+            if reason is not None:
+                return reason
+            size = _tree_bytes(folder)
+            trash(self._root, folder)
         finally:
             lock.release()
-        LOG.info("lora evict [%s] %s: %s, last used %.0f s ago", entry.key, current.display_name,
-                 format_size(entry.size), time.time() - current.last_used_at)
-        return True
+        LOG.info("lora evict [%s] %s: %s, last used %.0f s ago", key, current.display_name, format_size(size),
+                 time.time() - current.last_used_at)
+        return None

@@ -56,6 +56,13 @@ class LoraRamCache:
         with self._lock:
             self._pinned.update(keys)
 
+    def stats(self) -> dict[str, int]:
+        """Entries, bytes, budget, pinned entries and this process's hit/miss counts."""
+        with self._lock:
+            return {"entries": len(self._entries), "size_bytes": sum(entry.nbytes for entry in self._entries.values()),
+                    "budget_bytes": self.budget_bytes, "pinned": len(self._pinned & self._entries.keys()),
+                    "hits": self.hits, "misses": self.misses}
+
     def get_or_load(self, key: str, loader: Callable[[], ParsedLora]) -> tuple[ParsedLora, bool]:
         """The cached LoRA for ``key`` (and True), or ``loader()``'s result, cached (and False)."""
         with self._lock:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from sdxl_worker.lora.housekeeping import KEY_PATTERN
-from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests
+from sdxl_worker.lora.requests import Aliases, LoraRequest, parse_lora_requests
 
 
-def parse_sources(variable: str, sources: Sequence[str]) -> list[LoraRequest]:
-    """The requests of a list of sources; ``ValueError`` listing every bad item as ``VARIABLE[i]: reason``."""
-    requests, errors = parse_lora_requests(list(sources), max_per_request=max(len(sources), 1))
+def parse_sources(variable: str, sources: Sequence[str], aliases: Aliases | None = None) -> list[LoraRequest]:
+    """The requests of a list of sources (names in ``aliases`` expanded); ``ValueError`` listing every bad item as
+    ``VARIABLE[i]: reason``."""
+    requests, errors = parse_lora_requests(list(sources), max_per_request=max(len(sources), 1), aliases=aliases)
     if errors:
         raise ValueError(f"{variable}: " + "; ".join(error.replace("loras[", f"{variable}[") for error in errors))
     return requests

@@ -14,7 +14,11 @@ How a source string is read (surrounding whitespace ignored):
   ``my_style.safetensors``, a PEFT folder, or a downloaded entry's folder name.
 
 ``weight_name`` and ``revision`` apply to Hugging Face repos only. The same source (same normalized source, weight
-name and revision) twice in one job is an error.
+name and revision) twice in one job is an error; for cache names, ``x`` and ``x.safetensors`` count as the same
+(the cache tries ``x.safetensors`` when ``x`` is absent).
+
+A name listed in ``LORA_ALIASES`` (``lora.aliases``), given as a string or as ``path``, stands for the alias's
+entry: its source and options, with the job entry's own keys taking precedence (see ``expand_alias``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +39,8 @@ MAX_SCALE = 10.0
 MAX_SOURCE_CHARS = 2048
 MAX_NAME_CHARS = 200
 KNOWN_KEYS = ("path", "scale", "weight_name", "revision", "sha256", "name")
+CACHE_DEFAULT_EXTENSION = ".safetensors"
+Aliases = Mapping[str, Mapping[str, Any]]
 _HF_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _HF_REPO = re.compile(rf"^{_HF_PART}/{_HF_PART}$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -74,6 +81,12 @@ class LoraRequest:
     revision: str | None = None
     sha256: str | None = None
     name: str | None = None
+    origin: str | None = None   # where the job named it, when not ``loras[index]`` (e.g. a prompt tag)
+
+    @property
+    def ref(self) -> str:
+        """Where the job named this LoRA, for messages: ``loras[2]`` or ``prompt <lora:pixel:0.8>``."""
+        return self.origin or f"loras[{self.index}]"
 
     @property
     def kind(self) -> str:
@@ -85,7 +98,8 @@ class LoraRequest:
         """What makes two requests the same LoRA: kind, normalized source (a Civitai version id for every Civitai
         form), weight name, revision."""
         kind = self.kind
-        normalized = {"url": public_url, "hf": str.lower, "civitai": _civitai_version}.get(kind, str)(self.source)
+        normalizers = {"url": public_url, "hf": str.lower, "civitai": _civitai_version, "cache": _cache_stem}
+        normalized = normalizers[kind](self.source)
         return kind, normalized, self.weight_name or "", self.revision or ""
 
     @property
@@ -107,6 +121,10 @@ class LoraRequest:
 def _civitai_version(source: str) -> str:
     ref = civitai_ref(source)
     return str(ref.version_id) if ref else source
+
+
+def _cache_stem(name: str) -> str:
+    return name.removesuffix(CACHE_DEFAULT_EXTENSION)
 
 
 def _shown(value: Any) -> str:
@@ -165,11 +183,31 @@ def _check_weight_name(value: Any, where: str, errors: list[str]) -> str | None:
     return name
 
 
-def _parse_entry(index: int, raw: Any, errors: list[str]) -> LoraRequest | None:
-    where = f"loras[{index}]"
+def expand_alias(raw: Any, aliases: Aliases) -> Any:
+    """A job entry naming an alias, as the alias's entry overlaid with the job entry's own keys.
+
+    ``"pixel"`` becomes ``{**alias, "name": "pixel"}`` (the alias's ``name`` wins if it has one);
+    ``{"path": "pixel", "scale": 0.5}`` becomes the same with ``scale`` 0.5. Anything else is returned unchanged.
+    """
+    path = raw if isinstance(raw, str) else raw.get("path") if isinstance(raw, dict) else None
+    if not isinstance(path, str) or path.strip() not in aliases:
+        return raw
+    name = path.strip()
+    expanded = {"name": name, **aliases[name]}
+    if isinstance(raw, dict):
+        expanded.update((key, value) for key, value in raw.items() if key != "path")
+    return expanded
+
+
+def parse_entry(index: int, raw: Any, errors: list[str], where: str | None = None,
+                aliases: Aliases | None = None) -> LoraRequest | None:
+    """One entry of a ``loras`` list (or an entry built for it); problems go to ``errors`` prefixed by ``where``."""
+    origin = where
+    where = where or f"loras[{index}]"
+    raw = expand_alias(raw, aliases or {})
     if isinstance(raw, str):
         source = _check_source(raw, where, errors)
-        return None if source is None else LoraRequest(index=index, source=source)
+        return None if source is None else LoraRequest(index=index, source=source, origin=origin)
     if not isinstance(raw, dict):
         errors.append(f"{where}: must be a source string or an object with path and scale, got {type(raw).__name__}")
         return None
@@ -194,14 +232,15 @@ def _parse_entry(index: int, raw: Any, errors: list[str]) -> LoraRequest | None:
     if len(errors) > count or source is None or scale is None:
         return None
     return LoraRequest(index=index, source=source, scale=scale, weight_name=weight_name, revision=revision,
-                       sha256=sha256.lower() if sha256 else None, name=name)
+                       sha256=sha256.lower() if sha256 else None, name=name, origin=origin)
 
 
-def parse_lora_requests(raw: object, max_per_request: int) -> tuple[list[LoraRequest], list[str]]:
+def parse_lora_requests(raw: object, max_per_request: int,
+                        aliases: Aliases | None = None) -> tuple[list[LoraRequest], list[str]]:
     """Validate a job's ``loras`` value; returns ``(requests, errors)``, ``requests`` empty when there are errors.
 
     Never raises: any JSON value is accepted and described. A list longer than ``max_per_request`` gives one error
-    about the count, without looking at its entries.
+    about the count, without looking at its entries. Names in ``aliases`` stand for their entries.
     """
     if raw is None:
         return [], []
@@ -213,7 +252,7 @@ def parse_lora_requests(raw: object, max_per_request: int) -> tuple[list[LoraReq
     requests: list[LoraRequest] = []
     first_by_identity: dict[tuple[str, str, str, str], int] = {}
     for index, entry in enumerate(raw):
-        request = _parse_entry(index, entry, errors)
+        request = parse_entry(index, entry, errors, aliases=aliases)
         if request is None:
             continue
         first = first_by_identity.setdefault(request.identity, index)

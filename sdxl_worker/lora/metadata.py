@@ -1,0 +1,199 @@
+"""What a LoRA file says about itself, read from the safetensors header only (never a tensor byte).
+
+A safetensors file starts with an 8-byte little-endian length and a JSON header whose ``__metadata__`` object holds
+string fields. Trainers write there:
+
+- kohya sd-scripts: ``ss_base_model_version`` (``sd_v1``, ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``, ``flux1``,
+  ...), ``ss_v2`` (older files), ``ss_sd_model_name``, ``ss_output_name``, ``ss_network_module``/``_dim``/``_alpha``,
+  ``ss_tag_frequency`` (a JSON string ``{dataset: {tag: count}}``);
+- the SAI model spec (``modelspec.*``, kohya too): ``architecture`` (``stable-diffusion-xl-v1-base/lora``,
+  ``stable-diffusion-v1/lora``, ``flux-1-dev/lora``, ...), ``title``, ``trigger_phrase``.
+
+Read here: ``name`` = ``modelspec.title``, else ``ss_output_name``; ``base_model`` = the family found in
+``modelspec.architecture``, else ``ss_base_model_version``, else ``ss_v2`` = True (SD 2.x); an unrecognized value
+is reported as written; ``trigger_words`` = ``modelspec.trigger_phrase`` split at commas, else the most frequent
+tags of ``ss_tag_frequency`` (summed over its datasets; those with the highest count, at most
+``MAX_TAG_TRIGGER_WORDS``, in the file's order). PEFT folders: the adapter file's header, and the
+``base_model_name_or_path`` of ``adapter_config.json`` as the base model when the header names none. ``.pt`` files
+carry no metadata. Trigger words that the source published (Civitai's trained words for the version, kept in the
+cache manifest) come first, then the file's, each once (``with_published_words``).
+
+``base_model_problem`` refuses a LoRA whose metadata names a family other than SDXL; missing or unrecognized
+metadata is allowed (``fusion``'s shape check still guards).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdxl_worker.lora.file_checks import MAX_HEADER_BYTES, PEFT_CONFIG, PEFT_WEIGHTS
+
+if TYPE_CHECKING:
+    from sdxl_worker.lora.cache import ResolvedLora
+
+LOG = logging.getLogger(__name__)
+SDXL = "SDXL"
+MAX_TAG_TRIGGER_WORDS = 3
+MAX_PHRASE_TRIGGER_WORDS = 10
+MAX_TEXT_CHARS = 200
+# (prefix of the lower-cased value, family); the first match wins, so specific prefixes come first.
+ARCHITECTURES = (("stable-diffusion-xl-v1-refiner", "SDXL refiner"), ("stable-diffusion-xl", SDXL),
+                 ("stable-diffusion-v1", "SD 1.x"), ("stable-diffusion-v2", "SD 2.x"),
+                 ("stable-diffusion-3", "SD 3"), ("stable-diffusion-v3", "SD 3"), ("stable-cascade", "Stable Cascade"),
+                 ("flux", "Flux"), ("chroma", "Flux"), ("lumina", "Lumina"))
+VERSIONS = (("sdxl", SDXL), ("sd_v1", "SD 1.x"), ("sd_1", "SD 1.x"), ("sd1", "SD 1.x"), ("sd_v2", "SD 2.x"),
+            ("sd_2", "SD 2.x"), ("sd2", "SD 2.x"), ("sd3", "SD 3"), ("sd_3", "SD 3"), ("flux", "Flux"),
+            ("chroma", "Flux"), ("lumina", "Lumina"))
+
+
+@dataclass(frozen=True)
+class LoraMetadata:
+    """Name, base model and trigger words of a LoRA; ``family``/``evidence`` say what the base model came from."""
+
+    name: str | None = None
+    base_model: str | None = None
+    trigger_words: tuple[str, ...] = ()
+    family: str | None = None      # a recognized family (``SDXL``, ``SD 1.x``, ...), None when unknown
+    evidence: str | None = None    # e.g. "ss_base_model_version='sd_v1'"
+
+    def report(self) -> dict[str, Any]:
+        """The ``metadata`` object of a LoRA in job outputs and cache listings."""
+        return {"name": self.name, "base_model": self.base_model, "trigger_words": list(self.trigger_words)}
+
+
+def read_header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file, from its header alone; ``{}`` when there are none."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 2 <= length <= MAX_HEADER_BYTES:
+                return {}
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError) as error:
+        LOG.debug("no metadata read from %s: %s", path.name, error)
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        return {}
+    return {str(key): value for key, value in metadata.items() if isinstance(value, str)}
+
+
+def _short(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return value[:MAX_TEXT_CHARS] or None
+
+
+def _family(value: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    lowered = value.strip().lower()
+    return next((family for prefix, family in table if lowered.startswith(prefix)), None)
+
+
+def _base_model(fields: dict[str, str]) -> tuple[str | None, str | None, str | None]:
+    """``(reported base model, recognized family, evidence)``."""
+    shown = None
+    for key, table in (("modelspec.architecture", ARCHITECTURES), ("ss_base_model_version", VERSIONS)):
+        value = _short(fields.get(key))
+        if value is None:
+            continue
+        family = _family(value, table)
+        if family is not None:
+            return family, family, f"{key}={value!r}"
+        shown = shown or value
+    if fields.get("ss_v2", "").strip().lower() == "true":
+        return "SD 2.x", "SD 2.x", "ss_v2='True'"
+    return shown, None, None
+
+
+def _tag_words(raw: str | None) -> tuple[str, ...]:
+    try:
+        datasets = json.loads(raw) if raw else {}
+    except ValueError:
+        return ()
+    counts: Counter[str] = Counter()
+    for tags in datasets.values() if isinstance(datasets, dict) else ():
+        for tag, count in tags.items() if isinstance(tags, dict) else ():
+            if isinstance(count, int) and not isinstance(count, bool) and tag.strip():
+                counts[tag.strip()[:MAX_TEXT_CHARS]] += count
+    if not counts:
+        return ()
+    top = max(counts.values())
+    return tuple(tag for tag, count in counts.items() if count == top)[:MAX_TAG_TRIGGER_WORDS]
+
+
+def _trigger_words(fields: dict[str, str]) -> tuple[str, ...]:
+    phrase = fields.get("modelspec.trigger_phrase", "")
+    words = [word.strip()[:MAX_TEXT_CHARS] for word in phrase.split(",") if word.strip()]
+    if words:
+        return merge_trigger_words(words)[:MAX_PHRASE_TRIGGER_WORDS]
+    return _tag_words(fields.get("ss_tag_frequency"))
+
+
+def metadata_from_fields(fields: dict[str, str], base_model_hint: str | None = None) -> LoraMetadata:
+    """``LoraMetadata`` from header fields; ``base_model_hint`` (a PEFT config's base model) when they name none."""
+    base_model, family, evidence = _base_model(fields)
+    return LoraMetadata(name=_short(fields.get("modelspec.title")) or _short(fields.get("ss_output_name")),
+                        base_model=base_model or _short(base_model_hint), trigger_words=_trigger_words(fields),
+                        family=family, evidence=evidence)
+
+
+def _peft_base_model(folder: Path) -> str | None:
+    try:
+        value = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def lora_metadata(path: Path, identity: str) -> LoraMetadata:
+    """The metadata of a LoRA file or PEFT folder; ``identity`` (its sha256, or a stat stamp) keys this memo and
+    must change when the content does."""
+    if path.is_dir():
+        weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+        fields = read_header_metadata(weights) if weights is not None and weights.suffix == ".safetensors" else {}
+        return metadata_from_fields(fields, _peft_base_model(path))
+    return metadata_from_fields(read_header_metadata(path) if path.suffix.lower() == ".safetensors" else {})
+
+
+def base_model_problem(metadata: LoraMetadata) -> str | None:
+    """Why the metadata rules the LoRA out for SDXL, or ``None`` (SDXL, unknown or no metadata)."""
+    if metadata.family is None or metadata.family == SDXL:
+        return None
+    return (f"its metadata says it was trained for {metadata.family} ({metadata.evidence}), not SDXL; "
+            "use an SDXL LoRA")
+
+
+def merge_trigger_words(*sources: Iterable[str]) -> tuple[str, ...]:
+    """Trigger words from several sources, in order, each once (ignoring case)."""
+    merged: dict[str, str] = {}
+    for source in sources:
+        for word in source:
+            merged.setdefault(word.lower(), word)
+    return tuple(merged.values())
+
+
+def with_published_words(metadata: LoraMetadata, published: Iterable[str]) -> LoraMetadata:
+    """``metadata`` with the trigger words its source published (Civitai's trained words) before the file's own."""
+    merged = merge_trigger_words(published, metadata.trigger_words)
+    return metadata if merged == metadata.trigger_words else dataclasses.replace(metadata, trigger_words=merged)
+
+
+def metadata_of(item: ResolvedLora) -> LoraMetadata:
+    """The metadata of a resolved LoRA (the file's, memoized by path and content hash), with the trigger words its
+    source published first."""
+    return with_published_words(lora_metadata(item.path, item.sha256), item.trigger_words)
+
+
+def job_trigger_words(resolved: Iterable[ResolvedLora]) -> tuple[str, ...]:
+    """The trigger words of a job's LoRAs that have a non-zero scale, in job order, each once."""
+    return merge_trigger_words(*(metadata_of(item).trigger_words for item in resolved if item.request.scale != 0))
