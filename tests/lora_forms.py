@@ -39,13 +39,18 @@ def canonical_factors(pipe, components: tuple[str, ...], rank: int, seed: int, u
     return factors
 
 
-def write_kohya(path: Path, factors: Factors) -> Path:
+def kohya_state(factors: Factors) -> dict[str, torch.Tensor]:
     """``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (kohya, A1111, Civitai)."""
     state = {}
     for (component, name), (down, up, alpha) in factors.items():
         key = f"{KOHYA_PREFIXES[component]}_{name.replace('.', '_')}"
         state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
-    save_file(state, str(path))
+    return state
+
+
+def write_kohya(path: Path, factors: Factors) -> Path:
+    """The kohya layout (``kohya_state``) as a ``.safetensors`` file."""
+    save_file(kohya_state(factors), str(path))
     return path
 
 

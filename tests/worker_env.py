@@ -14,6 +14,8 @@ from typing import Any
 from PIL import Image
 from runpod.serverless.modules.rp_job import run_job
 
+from sdxl_worker.lora.settings import CacheSettings
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_URI_PREFIX = "data:image/png;base64,"
 SMALL_JOB: dict[str, Any] = {
@@ -32,9 +34,23 @@ def small_job(**overrides: Any) -> dict[str, Any]:
     return {**SMALL_JOB, **overrides}
 
 
+def fast_cache_settings(cache_dir: Path, **overrides: Any) -> CacheSettings:
+    """LoRA cache settings for fault tests: servers on 127.0.0.1 allowed, short timeouts, quick retries (2)."""
+    options: dict[str, Any] = {"cache_dir": cache_dir, "allow_private_hosts": True, "connect_timeout_s": 2.0,
+                               "read_timeout_s": 1.5, "download_retries": 2, "retry_backoff_s": 0.05,
+                               "retry_wait_max_s": 2.0, **overrides}
+    return CacheSettings(**options)
+
+
 def run_through_sdk(handler, job_input: Any, job_id: str = "test-job") -> dict[str, Any]:
     """Run one job through the runpod SDK's own ``run_job``, as the serverless loop and --test_input do."""
     return asyncio.run(run_job(handler, {"id": job_id, "input": job_input}))
+
+
+def images_of(result: dict[str, Any]) -> list[str]:
+    """The images of a successful ``run_through_sdk`` result (failing with the job's error otherwise)."""
+    assert "error" not in result, result["error"]
+    return result["output"]["images"]
 
 
 def png_from_data_uri(uri: str) -> bytes:
