@@ -27,8 +27,9 @@ from sdxl_worker.input_image import load_init_image
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
 from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
 from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.requests import parse_lora_requests
+from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests
 from sdxl_worker.lora.parsing import PEFT_CONFIG, ParsedLora, load_lora
+from sdxl_worker.lora.redact import public_url, scrub
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output import encode_images, upload_enabled
 from sdxl_worker.progress import JobProgress
@@ -87,11 +88,13 @@ class Worker:
         try:
             return await self._run(job_id, job)
         except JobError as error:
-            LOG.warning("job %s failed: %s", job_id, error)
-            return {"error": str(error)}
+            message = scrub(str(error), self.lora_cache.settings.secrets)
+            LOG.warning("job %s failed: %s", job_id, message)
+            return {"error": message}
         except Exception as error:  # noqa: BLE001 - the caller gets a message, the log keeps the traceback
             LOG.exception("job %s failed unexpectedly", job_id)
-            return {"error": f"Internal error: {type(error).__name__}: {error}"}
+            message = f"Internal error: {type(error).__name__}: {error}"
+            return {"error": scrub(message, self.lora_cache.settings.secrets)}
 
     async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         timer = PhaseTimer()
@@ -115,7 +118,8 @@ class Worker:
             encoded = await asyncio.to_thread(encode_images, images, job_id)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
         if params.loras:
-            output["loras"] = [lora_report(item, report) for item, report in zip(loaded, reports)]
+            secrets = self.lora_cache.settings.secrets
+            output["loras"] = [lora_report(item, report, secrets) for item, report in zip(loaded, reports)]
             for entry in output["loras"]:
                 LOG.info("job %s LoRA %s", job_id, entry)
         LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)
@@ -134,12 +138,15 @@ class Worker:
             return load_lora(item.path, ram_cache_key(item), unet_config=self.pipes.base.unet.config,
                              device=self.pipes.device, dtype=self.pipes.dtype)
         except LoraError as error:
-            raise LoraError(f"loras[{item.request.index}] ({item.request.label}): {error}") from None
+            raise LoraError(f"{self._shown(item.request)}: {error}") from None
+
+    def _shown(self, request: LoraRequest) -> str:
+        """``loras[i] (label)`` for messages and logs, with token values masked."""
+        return f"loras[{request.index}] ({scrub(request.label, self.lora_cache.settings.secrets)})"
 
     def _generate(self, params: JobParams, seed: int, init_image: Image.Image | None, loaded: list[LoadedLora],
                   progress: JobProgress, timer: PhaseTimer) -> tuple[list[Image.Image], list[ApplyReport]]:
-        loras = [(item.parsed, item.resolved.request.scale,
-                  f"loras[{item.resolved.request.index}] ({item.resolved.request.label})") for item in loaded]
+        loras = [(item.parsed, item.resolved.request.scale, self._shown(item.resolved.request)) for item in loaded]
         with timer.phase("lora_apply"):
             reports = self.patcher.apply(loras)
         try:
@@ -169,14 +176,15 @@ def ram_cache_key(item: ResolvedLora) -> str:
     return item.sha256
 
 
-def lora_report(item: LoadedLora, report: ApplyReport) -> dict[str, Any]:
-    """The per-LoRA entry of a job's output."""
+def lora_report(item: LoadedLora, report: ApplyReport, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The per-LoRA entry of a job's output; URLs lose secret query parameters, token values are masked."""
     request = item.resolved.request
+    source = public_url(request.source) if request.kind == "url" else request.source
     return {
-        "source": request.source,
-        "label": request.label,
+        "source": scrub(source, secrets),
+        "label": scrub(request.label, secrets),
         "scale": request.scale,
-        "file": item.resolved.display_name,
+        "file": scrub(item.resolved.display_name, secrets),
         "cache_hit": item.resolved.cache_hit,
         "ram_cache_hit": item.ram_hit,
         "sha256": item.resolved.sha256,
