@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.disk_errors import describe_disk_error
 from sdxl_worker.lora.file_checks import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
@@ -123,8 +124,6 @@ class LoraCache:
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
         self.root = settings.cache_dir
-        for folder in (".locks", ".leases"):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._real_root = self.root.resolve()
         self._heartbeat = Heartbeat(settings.heartbeat_s)
         self._leases = Leases(self.root / ".leases", self._heartbeat, settings.lease_stale_s)
@@ -134,12 +133,24 @@ class LoraCache:
         self._in_use: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
         self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held)
-        clean_leftovers(self.root, settings)
+        self._ready = False
+        try:
+            self._prepare()
+        except OSError as error:
+            LOG.warning("LoRA cache not ready: %s; jobs that fetch LoRAs fail until it is",
+                        describe_disk_error(error, self.root))
 
     @classmethod
     def from_env(cls) -> LoraCache:
         """A cache configured by the environment (``CacheSettings.from_env``)."""
         return cls(CacheSettings.from_env())
+
+    def _prepare(self) -> None:
+        """Create the internal folders and remove leftovers; fetching retries this until it succeeds."""
+        for folder in (".locks", ".leases"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.root, self.settings)
+        self._ready = True
 
     # -- public API -------------------------------------------------------------------------------------------
 
@@ -164,7 +175,10 @@ class LoraCache:
         leases: list[Path] = []
         try:
             for key in keys:
-                leases.append(self._leases.take(key))
+                try:
+                    leases.append(self._leases.take(key))
+                except OSError as error:  # a read-only or full volume: nobody can evict there either
+                    LOG.warning("no lease on LoRA cache entry %s: %s", key, describe_disk_error(error, self.root))
             yield
         finally:
             for lease in leases:
@@ -208,8 +222,8 @@ class LoraCache:
         except LoraError as error:
             raise LoraError(scrub(f"{prefix}: {error}", self.settings.secrets)) from None
         except OSError as error:
-            raise LoraError(scrub(f"{prefix}: LoRA cache I/O error ({type(error).__name__}: {error.strerror})",
-                                  self.settings.secrets)) from None
+            message = f"{prefix}: {describe_disk_error(error, self.root)}"
+            raise LoraError(scrub(message, self.settings.secrets)) from None
         return dataclasses.replace(resolved, fetch_ms=(time.perf_counter() - start) * 1000)
 
     def _resolve_remote(self, request: LoraRequest, report: TransferProgress,
@@ -225,6 +239,8 @@ class LoraCache:
             LOG.info("lora wait %s [%s]: %s is fetching it", self._shown(request), key, describe_owner(owner))
             report.message("waiting for another worker to finish downloading it")
 
+        if not self._ready:
+            self._prepare()
         lock = EntryLock(self.root / ".locks" / f"{key}.lock", self._heartbeat, self.settings.lock_stale_s,
                          self.settings.lock_wait_s)
         lock.acquire(on_wait)
