@@ -8,10 +8,12 @@ leaves the worker serving the next job's reference bytes.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from tests.cache_audit import cache_problems, entry_keys
 from tests.servers.fake_hub import FakeHub
 from tests.servers.fault_http import FaultServer
 from tests.servers.lora_files import legacy_pickle_bytes, malicious_pickle_bytes
-from tests.worker_env import fast_cache_settings, images_of, run_through_sdk, small_job
+from tests.worker_env import (PROJECT_ROOT, PYTHON, fast_cache_settings, images_of, run_through_sdk, small_job,
+                              subprocess_env)
 
 SEED = 61
 CIVITAI_SECRET = "civitai-SECRET-b81f0c"
@@ -247,3 +250,35 @@ def test_tokens_never_appear_in_logs_errors_or_outputs(make_worker, server, tmp_
               and path.suffix != ".safetensors"]
     for text in texts:
         assert CIVITAI_SECRET not in text and HF_SECRET not in text
+
+
+def test_redirects_from_an_allowed_public_host_to_internal_ones_are_refused_for_real(tmp_path, lora_blobs,
+                                                                                     tiny_model_dir):
+    """With the default rule, in a network namespace where a public address is local (``isolated_network``): a LoRA
+    server on a public name works, and every redirect from it to an internal name or address is refused before any
+    request reaches the internal server, which would have served a valid LoRA."""
+    (tmp_path / "lora.safetensors").write_bytes(lora_blobs["small"])
+    done = subprocess.run([PYTHON, "-m", "tests.servers.isolated_network", str(tmp_path / "lora.safetensors"),
+                           str(tmp_path)], cwd=PROJECT_ROOT, env=subprocess_env(tmp_path / "unused"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "result.json").read_text())
+    if "unavailable" in report:
+        pytest.skip(f"network namespaces are not permitted here ({report['unavailable']}); the 127.0.0.1 cases "
+                    "above still ran")
+    results = report["results"]
+    assert results["public-name"] == {"error": None, "images": 1} and results["plain"]["images"] == 1
+    internal_name = results["internal-name"]["error"]
+    assert internal_name.startswith("loras[0] (loras.internal.test:") and "refused URL" in internal_name
+    assert "loras.internal.test is a private address (10.20.30.40)" in internal_name
+    reasons = {"to-loopback": "a loopback address", "to-localhost": "a loopback address",
+               "to-ipv6-loopback": "a loopback address", "to-metadata": "a cloud metadata address"}
+    for name, target in report["targets"].items():
+        error = results[name]["error"]
+        assert error.startswith(f"loras[0] ({name}): refused URL {target.split('?')[0]}"), error
+        assert reasons.get(name, "a private address") in error, error
+        assert report["public_counts"][name] == 1
+    assert results["image-url-redirect"]["error"].startswith("image_url: refused URL http://10.20.30.40:")
+    assert report["public_counts"]["image-to-internal"] == 1
+    assert report["internal_requests"] == 0
+    assert report["cache_problems"] == [] and report["entries"] == 1

@@ -14,7 +14,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+
+from tests.servers.background import BackgroundServer
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Route:
     require_auth: str | None = None    # the Authorization value required, else 401
 
 
-class FaultServer:
+class FaultServer(BackgroundServer):
     """``with FaultServer() as server: server.route("/a", body=b"..."); requests.get(server.url("/a"))``."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
@@ -49,13 +50,7 @@ class FaultServer:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.sent: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._server = _AbortingHTTPServer((host, 0), _handler_class(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(_handler_class(self), host, _AbortingHTTPServer)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -77,13 +72,6 @@ class FaultServer:
             self.requests.append((method, path, headers))
             return sum(1 for seen_method, seen_path, _ in self.requests if (seen_method, seen_path) == (method, path))
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 class _AbortingHTTPServer(ThreadingHTTPServer):
