@@ -118,8 +118,8 @@ class Worker:
             encoded = await asyncio.to_thread(encode_images, images, job_id)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
         if params.loras:
-            secrets = self.lora_cache.settings.secrets
-            output["loras"] = [lora_report(item, report, secrets) for item, report in zip(loaded, reports)]
+            tokens = self.lora_cache.settings.secrets
+            output["loras"] = [lora_report(item, report, tokens) for item, report in zip(loaded, reports)]
             for entry in output["loras"]:
                 LOG.info("job %s LoRA %s", job_id, entry)
         LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)
