@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,14 +46,14 @@ def _sdk_schema() -> dict[str, dict[str, Any]]:
     return {name: {key: rules[key] for key in _SDK_RULE_KEYS if key in rules} for name, rules in INPUT_SCHEMA.items()}
 
 
-def _float_overflow_errors(raw: dict[str, Any]) -> list[str]:
-    """The SDK calls float() on ints for float fields; an int beyond float range would raise there."""
-    errors = []
+def _float_overflow_errors(raw: dict[str, Any]) -> dict[str, str]:
+    """Float fields holding an int beyond float range (the SDK's float() would raise there): field -> error."""
+    errors = {}
     for name, rules in INPUT_SCHEMA.items():
         value = raw.get(name)
         if rules["type"] is float and isinstance(value, int) and not isinstance(value, bool):
             if abs(value) > sys.float_info.max:
-                errors.append(f"{name}: must be {rules['describe']}, got a number too large")
+                errors[name] = f"{name}: must be {rules['describe']}, got a number too large"
     return errors
 
 
@@ -71,12 +70,11 @@ def validate_job_input(raw: Any, max_loras: int) -> JobParams:
     """Validate a job's ``input`` against ``INPUT_SCHEMA`` and the LoRA rules; raise ``InputError`` listing all problems."""
     if not isinstance(raw, dict):
         raise InputError(f"Invalid input: input must be a JSON object, got {type(raw).__name__}")
-    errors = _float_overflow_errors(raw)
-    if errors:
-        raise InputError("Invalid input: " + "; ".join(errors))
-    checked = validate(copy.copy(raw), _sdk_schema())
-    errors = list(checked.get("errors", []))
-    values = checked.get("validated_input", raw)
+    overflows = _float_overflow_errors(raw)
+    checkable = {name: value for name, value in raw.items() if name not in overflows}
+    checked = validate(checkable, _sdk_schema())
+    errors = [*overflows.values(), *checked.get("errors", [])]
+    values = checked.get("validated_input", checkable)
     errors += _constraint_errors(values)
     loras: list[LoraRequest] = []
     if values.get("loras") is not None:
