@@ -49,7 +49,8 @@ _bad_int = st.one_of(_not_a_number, st.none(), st.floats(), st.integers(max_valu
 _bad_number = st.one_of(_not_a_number, st.sampled_from([math.nan, math.inf, -math.inf]),
                         st.floats(min_value=1e6, allow_infinity=False), st.just(10**400), st.just(-(10**400)))
 _bad_float = st.none() | _bad_number
-_text = st.text(max_size=300) | st.integers(0, MAX_PROMPT_CHARS).map(lambda n: ("ünïcødé 🎨 \u200b\U0001F600 " * n)[:n])
+_unicode = "ünïcødé 🎨 \u200b\U0001F600 "
+_text = st.text(max_size=300) | st.integers(0, MAX_PROMPT_CHARS).map(lambda n: (_unicode * n)[:n])
 _prompt = _text.filter(lambda text: text.strip() != "")
 _too_long = st.integers(MAX_PROMPT_CHARS + 1, 3 * MAX_PROMPT_CHARS).map(lambda n: "p" * n)
 

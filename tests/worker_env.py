@@ -7,10 +7,15 @@ import base64
 import io
 import os
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 from PIL import Image
 from runpod.serverless.modules.rp_job import run_job
 
@@ -79,3 +84,34 @@ def subprocess_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@contextmanager
+def local_api(folder: Path, env: dict[str, str],
+              start_timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python handler.py --rp_serve_api`` (the runpod SDK's local FastAPI server) on a free port, its log in
+    ``folder/server.log``; yields the base URL and the process once ``/openapi.json`` answers, and stops it after."""
+    port = free_port()
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [PYTHON, str(PROJECT_ROOT / "handler.py"), "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+             "--rp_api_port", str(port)], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                requests.get(base + "/openapi.json", timeout=2).raise_for_status()
+                break
+            except requests.RequestException:
+                assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the local API server did not start"
+                time.sleep(0.5)
+        yield base, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
