@@ -68,6 +68,7 @@ class Fault:
     name: str
     route: dict[str, Any]
     recovers_after: int | None = None          # requests the successful download took
+    waits_s: float = 0.0                       # at least this long before the retry (Retry-After)
     error: tuple[str, ...] = ()
     body: str = "style"
 
@@ -82,7 +83,7 @@ FAULTS = [
         "the server closed the connection before the end", "gave up after 3 attempts")),
     Fault("stall-once", {"delay_s": 4.0, "delay_first": 1}, recovers_after=2),
     Fault("stall-always", {"delay_s": 4.0}, error=("timed out", "read 1.5 s", "gave up after 3 attempts")),
-    Fault("429-retry-after", {"fail_first": 1, "fail_status": 429, "retry_after": "1"}, recovers_after=2),
+    Fault("429-retry-after", {"fail_first": 1, "fail_status": 429, "retry_after": "1"}, recovers_after=2, waits_s=1),
     Fault("500-then-ok", {"fail_first": 2, "fail_status": 500}, recovers_after=3),
     Fault("503-always", {"fail_first": 100}, error=("HTTP 503 from", "gave up after 3 attempts")),
     Fault("redirect-loop", {"redirect_to": "/redirect-loop.safetensors"}, error=("more than 10 redirects",)),
@@ -106,7 +107,9 @@ def test_http_fault_through_the_worker(env, lora_blobs, fault):
     if fault.recovers_after is not None:
         assert images_of(result) == env.with_good
         assert env.server.count(path) == fault.recovers_after
-        assert result["output"]["loras"][0]["sha256"] == hashlib.sha256(lora_blobs["style"]).hexdigest()
+        report = result["output"]["loras"][0]
+        assert report["sha256"] == hashlib.sha256(lora_blobs["style"]).hexdigest()
+        assert report["fetch_ms"] >= fault.waits_s * 1000 * 0.95
         assert key in entry_keys(env.root)
     else:
         assert "output" not in result

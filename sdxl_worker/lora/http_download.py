@@ -202,8 +202,9 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
                     if progress is not None:
                         progress(done, total)
             except requests.RequestException as error:
+                received = max(done, response.raw.tell())  # bytes of a chunk cut short count too
                 expected = f" of {format_size(total)}" if total is not None else ""
-                raise _Retry(f"the download broke off after {format_size(done)}{expected}: "
+                raise _Retry(f"the download broke off after {format_size(received)}{expected}: "
                              f"{_broken_body_cause(error)}") from None
             if total is not None and done != total:
                 raise _Retry(f"the body ended after {done} of {total} bytes")
