@@ -75,7 +75,7 @@ _cache_name = st.from_regex(r"[a-z][a-z0-9_-]{0,20}\.safetensors", fullmatch=Tru
 _lora_entry = st.one_of(
     st.just(PLACED_LORA),
     st.fixed_dictionaries({"path": st.just(PLACED_LORA)}, optional={
-        "scale": st.floats(-10, 10) | st.integers(-10, 10), "name": st.text(max_size=40)}),
+        "scale": st.floats(-10, 10) | st.integers(-10, 10), "name": st.text(min_size=1, max_size=40)}),
 )
 _bad_lora_entry = st.one_of(
     st.integers(), st.none(), st.lists(_junk, max_size=3), st.dictionaries(st.text(max_size=8), _junk, max_size=4)
@@ -125,7 +125,7 @@ def _draw_loras(draw, drawn: Drawn, spoiling: bool) -> None:
     if kind == "none":
         drawn.value["loras"] = None
     elif kind == "valid":
-        drawn.value["loras"] = draw(st.lists(_lora_entry, max_size=1))
+        drawn.value["loras"] = [draw(_lora_entry)]
     elif kind == "missing":
         drawn.value["loras"] = [draw(_cache_name.filter(lambda name: name != PLACED_LORA))]
         drawn.late = drawn.late or "loras[0]"
