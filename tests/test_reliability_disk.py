@@ -28,7 +28,7 @@ from tests.servers.fault_http import FaultServer
 from tests.worker_env import (PROJECT_ROOT, PYTHON, fast_cache_settings, images_of, run_through_sdk, small_job,
                               subprocess_env)
 
-FILE_LIMIT = 150_000  # the small LoRA (60 kB) fits, the style LoRA (0.3 MB) does not
+FILE_LIMIT = 1_000_000  # the small LoRA (60 kB) fits, the big one (3.2 MB) does not; this process's logs fit too
 
 
 def job(loras: list | None = None) -> dict:
@@ -38,7 +38,7 @@ def job(loras: list | None = None) -> dict:
 @pytest.fixture(scope="module")
 def server(lora_blobs):
     with FaultServer() as running:
-        for name in ("small", "style"):
+        for name in ("small", "style", "big"):
             running.route(f"/{name}.safetensors", body=lora_blobs[name])
         yield running
 
@@ -48,7 +48,7 @@ def references(make_worker, tmp_path_factory, server) -> dict[str, list[str]]:
     """Images of the jobs below from a worker with a healthy cache."""
     handler = make_worker(fast_cache_settings(tmp_path_factory.mktemp("healthy-cache")))
     return {name: images_of(run_through_sdk(handler, job(loras))) for name, loras in (
-        ("plain", None), ("small", [server.url("/small.safetensors")]), ("style", [server.url("/style.safetensors")]))}
+        ("plain", None), ("small", [server.url("/small.safetensors")]), ("big", [server.url("/big.safetensors")]))}
 
 
 @contextmanager
@@ -71,17 +71,17 @@ def test_a_full_cache_fails_the_lora_job_clearly_and_the_worker_keeps_serving(ma
     with file_size_limit(FILE_LIMIT):
         with pytest.raises(OSError, match="File too large"):  # the control: the kernel enforces the limit here
             (tmp_path / "probe").write_bytes(bytes(FILE_LIMIT + 1))
-        result = run_through_sdk(handler, job([{"path": server.url("/style.safetensors"), "name": "style"}]))
+        result = run_through_sdk(handler, job([{"path": server.url("/big.safetensors"), "name": "big"}]))
         plain = run_through_sdk(handler, job())
         small = run_through_sdk(handler, job([server.url("/small.safetensors")]))
-    assert result["error"] == (f"loras[0] (style): the LoRA cache folder {root} cannot store a file this large (a "
+    assert result["error"] == (f"loras[0] (big): the LoRA cache folder {root} cannot store a file this large (a "
                                "file size limit of the volume or the process): File too large; free space on the "
                                "volume or set LORA_CACHE_MAX_GB below its size")
     assert images_of(plain) == references["plain"]
     assert images_of(small) == references["small"]
     assert entry_keys(root) == [LoraRequest(0, server.url("/small.safetensors")).cache_key]
     assert cache_problems(root) == []
-    assert images_of(run_through_sdk(handler, job([server.url("/style.safetensors")]))) == references["style"]
+    assert images_of(run_through_sdk(handler, job([server.url("/big.safetensors")]))) == references["big"]
     assert cache_problems(root) == [] and len(entry_keys(root)) == 2
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,9 +35,11 @@ def job(loras: list | None = None) -> dict[str, Any]:
 
 @dataclass
 class Env:
+    """The fault server, the worker's cache folder and handler, and the reference images of the next jobs."""
+
     server: FaultServer
-    root: Any
-    handler: Any
+    root: Path
+    handler: Callable[[dict], Awaitable[dict]]
     plain: list[str] = field(default_factory=list)
     with_good: list[str] = field(default_factory=list)
 
@@ -50,7 +54,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, make_worker, lora_blobs) -> Env:
+def env(tmp_path_factory, make_worker, lora_blobs) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("fault-cache")
     with FaultServer() as server:
         server.route("/good.safetensors", body=lora_blobs["style"])

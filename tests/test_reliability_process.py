@@ -26,7 +26,7 @@ from tests.worker_env import (PROJECT_ROOT, PYTHON, fast_cache_settings, images_
                               subprocess_env)
 
 TOKENS = {"HF_TOKEN": "hf_KILLTEST_3c9d", "CIVITAI_TOKEN": "civitai-KILLTEST-77aa"}
-LONG_STEPS = 40
+LONG_STEPS = 120  # killed at the first step seen; the length is only a margin for a slow machine
 
 
 def start_worker(job_input: dict, cache: Path, folder: Path, **env: str) -> subprocess.Popen:
@@ -78,7 +78,7 @@ def spawned():
 @pytest.fixture
 def server(lora_blobs):
     with FaultServer() as running:
-        running.route("/style.safetensors", body=lora_blobs["style"], chunk_size=16_384, chunk_delay_s=0.1)
+        running.route("/style.safetensors", body=lora_blobs["style"], chunk_size=16_384)
         running.route("/small.safetensors", body=lora_blobs["small"])
         yield running
 
@@ -97,6 +97,7 @@ def test_workers_killed_mid_download_and_mid_generation_leave_a_cache_the_next_w
         expected = {"lora": images_of(run_through_sdk(reference, short)),
                     "plain": images_of(run_through_sdk(reference, small_job(seed=81, num_inference_steps=1)))}
         sent_before = server.sent["/style.safetensors"]
+        server.routes["/style.safetensors"].chunk_delay_s = 0.2  # 3.6 s for the whole file: time to kill midway
 
         release(downloading, tmp_path / "download")
         kill_when(downloading, lambda: server.sent["/style.safetensors"] - sent_before >= 50_000, tmp_path / "download")
