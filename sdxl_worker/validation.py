@@ -6,7 +6,6 @@ resolved through ``LORA_ALIASES``; ``JobParams.prompt`` is the prompt the model 
 
 from __future__ import annotations
 
-import copy
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,14 +53,14 @@ def _sdk_schema(schema: Schema) -> Schema:
     return {name: {key: rules[key] for key in _SDK_RULE_KEYS if key in rules} for name, rules in schema.items()}
 
 
-def _float_overflow_errors(raw: dict[str, Any], schema: Schema) -> list[str]:
-    """The SDK calls float() on ints for float fields; an int beyond float range would raise there."""
-    errors = []
+def _float_overflow_errors(raw: dict[str, Any], schema: Schema) -> dict[str, str]:
+    """Float fields holding an int beyond float range (the SDK's float() would raise there): field -> error."""
+    errors = {}
     for name, rules in schema.items():
         value = raw.get(name)
         if rules["type"] is float and isinstance(value, int) and not isinstance(value, bool):
             if abs(value) > sys.float_info.max:
-                errors.append(f"{name}: must be {rules['describe']}, got a number too large")
+                errors[name] = f"{name}: must be {rules['describe']}, got a number too large"
     return errors
 
 
@@ -92,12 +91,11 @@ def check_fields(raw: dict[str, Any], schema: Schema) -> tuple[dict[str, Any], l
 
     Returns ``(values with defaults filled in, errors)``.
     """
-    errors = _float_overflow_errors(raw, schema)
-    if errors:
-        return {}, errors
-    checked = validate(copy.copy(raw), _sdk_schema(schema))
-    values = checked.get("validated_input", raw)
-    return values, list(checked.get("errors", [])) + _constraint_errors(values, schema)
+    overflows = _float_overflow_errors(raw, schema)
+    checkable = {name: value for name, value in raw.items() if name not in overflows}
+    checked = validate(checkable, _sdk_schema(schema))
+    values = checked.get("validated_input", checkable)
+    return values, [*overflows.values(), *checked.get("errors", []), *_constraint_errors(values, schema)]
 
 
 def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None) -> JobParams:

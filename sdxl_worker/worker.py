@@ -51,6 +51,7 @@ from sdxl_worker.lora.metadata import base_model_problem, job_trigger_words, met
 from sdxl_worker.lora.parsing import PEFT_CONFIG, TEXT_ENCODERS, ParsedLora, load_lora
 from sdxl_worker.lora.pinning import parse_sources
 from sdxl_worker.lora.prompt_tags import with_trigger_words
+from sdxl_worker.lora.redact import public_url, scrub
 from sdxl_worker.lora.requests import Aliases, LoraRequest
 from sdxl_worker.lora.settings import source_list
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
@@ -124,11 +125,13 @@ class Worker:
         try:
             return await self._run(job_id, job)
         except JobError as error:
-            LOG.warning("job %s failed: %s", job_id, error)
-            return {"error": str(error)}
+            message = scrub(str(error), self.lora_cache.settings.secrets)
+            LOG.warning("job %s failed: %s", job_id, message)
+            return {"error": message}
         except Exception as error:  # noqa: BLE001 - the caller gets a message, the log keeps the traceback
             LOG.exception("job %s failed unexpectedly", job_id)
-            return {"error": f"Internal error: {type(error).__name__}: {error}"}
+            message = f"Internal error: {type(error).__name__}: {error}"
+            return {"error": scrub(message, self.lora_cache.settings.secrets)}
 
     async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         timer = PhaseTimer()
@@ -162,7 +165,8 @@ class Worker:
         if params.prompt != job["input"]["prompt"]:
             output["prompt"] = params.prompt
         if params.loras:
-            output["loras"] = [lora_report(item, report) for item, report in zip(loaded, reports)]
+            tokens = self.lora_cache.settings.secrets
+            output["loras"] = [lora_report(item, report, tokens) for item, report in zip(loaded, reports)]
             for entry in output["loras"]:
                 LOG.info("job %s LoRA %s", job_id, entry)
         LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)
@@ -174,7 +178,7 @@ class Worker:
         for item in resolved:
             problem = base_model_problem(metadata_of(item))
             if problem:
-                raise LoraError(f"{item.request.ref} ({item.request.label}): {problem}")
+                raise LoraError(f"{self._shown(item.request)}: {problem}")
         loaded = []
         for item in resolved:
             start = time.perf_counter()
@@ -187,7 +191,11 @@ class Worker:
             return load_lora(item.path, ram_cache_key(item), unet_config=self.pipes.base.unet.config,
                              device=self.pipes.device, dtype=self.pipes.dtype)
         except LoraError as error:
-            raise LoraError(f"{item.request.ref} ({item.request.label}): {error}") from None
+            raise LoraError(f"{self._shown(item.request)}: {error}") from None
+
+    def _shown(self, request: LoraRequest) -> str:
+        """``loras[i] (label)`` (or ``prompt <lora:...>``) for messages and logs, with token values masked."""
+        return f"{request.ref} ({scrub(request.label, self.lora_cache.settings.secrets)})"
 
     def _overlaps(self, init_image: Image.Image | None) -> bool:
         """Whether the base UNet is the first model to need the LoRAs (not so for img2img through the refiner)."""
@@ -213,8 +221,7 @@ class Worker:
             return self.load_all(resolved)
 
     def _apply(self, loaded: list[LoadedLora], timer: PhaseTimer) -> list[ApplyReport]:
-        loras = [(item.parsed, item.resolved.request.scale,
-                  f"{item.resolved.request.ref} ({item.resolved.request.label})") for item in loaded]
+        loras = [(item.parsed, item.resolved.request.scale, self._shown(item.resolved.request)) for item in loaded]
         with timer.phase("lora_apply"):
             return self.patcher.apply(loras)
 
@@ -280,14 +287,15 @@ def ram_cache_key(item: ResolvedLora) -> str:
     return item.sha256
 
 
-def lora_report(item: LoadedLora, report: ApplyReport) -> dict[str, Any]:
-    """The per-LoRA entry of a job's output."""
+def lora_report(item: LoadedLora, report: ApplyReport, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The per-LoRA entry of a job's output; URLs lose secret query parameters, token values are masked."""
     request = item.resolved.request
+    source = public_url(request.source) if "://" in request.source else request.source
     return {
-        "source": request.source,
-        "label": request.label,
+        "source": scrub(source, secrets),
+        "label": scrub(request.label, secrets),
         "scale": request.scale,
-        "file": item.resolved.display_name,
+        "file": scrub(item.resolved.display_name, secrets),
         "cache_hit": item.resolved.cache_hit,
         "ram_cache_hit": item.ram_hit,
         "sha256": item.resolved.sha256,

@@ -44,3 +44,34 @@ def worker_handler(tiny_model_dir, worker_cache_dir):
 
     handler.get_worker()
     return handler.handler
+
+
+@pytest.fixture(scope="session")
+def make_worker(worker_handler):
+    """``make_worker(settings)``: the ``run`` of a new in-process ``Worker`` on the session worker's pipelines with its
+    own LoRA disk cache (``CacheSettings``) and RAM cache, to hand to ``run_through_sdk``."""
+    from handler import get_worker
+    from sdxl_worker.lora.cache import LoraCache
+    from sdxl_worker.lora.memory_cache import LoraRamCache
+    from sdxl_worker.worker import Worker
+
+    def make(settings):
+        return Worker(get_worker().pipes, LoraCache(settings), LoraRamCache(512 * 1024**2)).run
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lora_blobs(worker_handler) -> dict[str, bytes]:
+    """Kohya LoRA files for the tiny SDXL, as bytes: ``style`` (UNet and both text encoders, rank 4, 0.3 MB),
+    ``small`` (UNet, rank 1, 60 kB) and ``big`` (UNet, rank 64, 3.2 MB)."""
+    from handler import get_worker
+    from safetensors.torch import save
+
+    from tests.lora_forms import canonical_factors, kohya_state
+
+    pipe = get_worker().pipes.base
+    shapes = {"style": (("unet", "text_encoder", "text_encoder_2"), 4, 31), "small": (("unet",), 1, 33),
+              "big": (("unet",), 64, 32)}
+    return {name: save(kohya_state(canonical_factors(pipe, components, rank=rank, seed=seed)))
+            for name, (components, rank, seed) in shapes.items()}

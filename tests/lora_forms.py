@@ -39,14 +39,19 @@ def canonical_factors(pipe, components: tuple[str, ...], rank: int, seed: int, u
     return factors
 
 
-def write_kohya(path: Path, factors: Factors, metadata: dict[str, str] | None = None) -> Path:
-    """``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (kohya, A1111, Civitai), with optional
-    header ``metadata`` (kohya's ``ss_*`` fields, ``modelspec.*``)."""
+def kohya_state(factors: Factors) -> dict[str, torch.Tensor]:
+    """``lora_unet_<path>.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` (kohya, A1111, Civitai)."""
     state = {}
     for (component, name), (down, up, alpha) in factors.items():
         key = f"{KOHYA_PREFIXES[component]}_{name.replace('.', '_')}"
         state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
-    save_file(state, str(path), metadata=metadata)
+    return state
+
+
+def write_kohya(path: Path, factors: Factors, metadata: dict[str, str] | None = None) -> Path:
+    """The kohya layout (``kohya_state``) as a ``.safetensors`` file, with optional header ``metadata`` (kohya's
+    ``ss_*`` fields, ``modelspec.*``)."""
+    save_file(kohya_state(factors), str(path), metadata=metadata)
     return path
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 
 import pytest
 import requests
 
-from tests.worker_env import (PROJECT_ROOT, PYTHON, free_port, image_from_png, png_from_data_uri, run_through_sdk,
+from tests.worker_env import (PROJECT_ROOT, PYTHON, image_from_png, local_api, png_from_data_uri, run_through_sdk,
                               small_job, subprocess_env)
 
 
@@ -52,36 +51,15 @@ def test_test_input_json_in_working_folder(tmp_path, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def local_api(tmp_path_factory, tiny_model_dir):
+def local_api_url(tmp_path_factory, tiny_model_dir):
     """`python handler.py --rp_serve_api` on a free port: the runpod SDK's own local FastAPI server."""
     folder = tmp_path_factory.mktemp("api")
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen(
-        [PYTHON, str(PROJECT_ROOT / "handler.py"), "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-         "--rp_api_port", str(port)],
-        cwd=folder, env=subprocess_env(folder / "loras"), stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            requests.get(base + "/openapi.json", timeout=2).raise_for_status()
-            break
-        except requests.RequestException:
-            assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("local API server did not start")
-    yield base
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
+    with local_api(folder, subprocess_env(folder / "loras")) as (base, _):
+        yield base
 
 
-def test_runsync_over_http_returns_the_same_image_as_in_process(local_api, worker_handler):
-    response = requests.post(local_api + "/runsync", json={"input": small_job(seed=21)}, timeout=300)
+def test_runsync_over_http_returns_the_same_image_as_in_process(local_api_url, worker_handler):
+    response = requests.post(local_api_url + "/runsync", json={"input": small_job(seed=21)}, timeout=300)
     body = response.json()
     assert response.status_code == 200 and body["status"] == "COMPLETED", body
     image = png_from_data_uri(body["output"]["images"][0])
@@ -90,25 +68,26 @@ def test_runsync_over_http_returns_the_same_image_as_in_process(local_api, worke
     assert png_from_data_uri(in_process) == image
 
 
-def test_run_then_status_over_http(local_api):
-    submitted = requests.post(local_api + "/run", json={"input": small_job(seed=5, num_images=2)}, timeout=30).json()
+def test_run_then_status_over_http(local_api_url):
+    submitted = requests.post(local_api_url + "/run", json={"input": small_job(seed=5, num_images=2)},
+                              timeout=30).json()
     assert submitted["status"] == "IN_PROGRESS"
-    body = requests.post(f"{local_api}/status/{submitted['id']}", timeout=300).json()
+    body = requests.post(f"{local_api_url}/status/{submitted['id']}", timeout=300).json()
     assert body["status"] == "COMPLETED", body
     assert len(body["output"]["images"]) == 2 and body["output"]["seed"] == 5
 
 
-def test_bad_job_over_http_fails_with_the_field_named_and_the_server_keeps_serving(local_api):
-    body = requests.post(local_api + "/runsync", json={"input": small_job(scheduler="nope")}, timeout=60).json()
+def test_bad_job_over_http_fails_with_the_field_named_and_the_server_keeps_serving(local_api_url):
+    body = requests.post(local_api_url + "/runsync", json={"input": small_job(scheduler="nope")}, timeout=60).json()
     assert body["status"] == "FAILED" and "scheduler" in body["error"]
-    body = requests.post(local_api + "/runsync", json={"input": small_job()}, timeout=300).json()
+    body = requests.post(local_api_url + "/runsync", json={"input": small_job()}, timeout=300).json()
     assert body["status"] == "COMPLETED"
 
 
-def test_cache_actions_over_http_and_a_bad_action_named(local_api):
-    body = requests.post(local_api + "/runsync", json={"input": {"action": "list_loras"}}, timeout=60).json()
+def test_cache_actions_over_http_and_a_bad_action_named(local_api_url):
+    body = requests.post(local_api_url + "/runsync", json={"input": {"action": "list_loras"}}, timeout=60).json()
     assert body["status"] == "COMPLETED", body
     assert {"entries", "hand_placed", "aliases", "cache_dir"} <= set(body["output"])
-    body = requests.post(local_api + "/runsync", json={"input": {"action": "list_loras", "loras": ["x"]}},
+    body = requests.post(local_api_url + "/runsync", json={"input": {"action": "list_loras", "loras": ["x"]}},
                          timeout=60).json()
     assert body["status"] == "FAILED" and "loras is not a valid input option" in body["error"]

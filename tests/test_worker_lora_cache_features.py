@@ -4,6 +4,7 @@ in RAM under pressure, and jobs without LoRAs that never look at the free-disk f
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -70,6 +71,14 @@ def test_a_civitai_air_in_a_job_is_fetched_once_and_applied(worker_handler, serv
     assert appended["prompt"] == small_job()["prompt"] + ", tinystyle, filestyle"
     assert appended["images"] == run(worker, seed=70, loras=["civitai:5150"],
                                      prompt=appended["prompt"])["images"]
+
+
+def test_a_pasted_civitai_url_token_never_reaches_the_output_or_the_log(worker_handler, server, tmp_path, caplog):
+    worker = make_worker(tmp_path, server)
+    output = run(worker, seed=71, loras=["https://civitai.com/api/download/models/5150?type=Model&token=sekrit-77"])
+    assert "error" not in output, output.get("error")
+    assert output["loras"][0]["source"] == "https://civitai.com/api/download/models/5150?type=Model"
+    assert "sekrit-77" not in json.dumps(output) and "sekrit-77" not in caplog.text
 
 
 def test_the_evict_action_refuses_a_pinned_entry(worker_handler, server, tmp_path):

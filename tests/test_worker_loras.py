@@ -12,6 +12,7 @@ from sdxl_worker.lora.cache import LoraCache
 from sdxl_worker.lora.memory_cache import LoraRamCache
 from sdxl_worker.lora.settings import CacheSettings
 from sdxl_worker.worker import Worker
+from tests.cache_audit import cache_problems
 from tests.lora_forms import canonical_factors, write_kohya, write_peft_folder, write_sd15_shaped
 from tests.servers.fault_http import FaultServer
 from tests.worker_env import run_through_sdk, small_job
@@ -92,12 +93,14 @@ def test_peft_folder_in_the_cache_is_applied(worker_handler, lora_files, worker_
     ("/missing.safetensors", "404"),
     ("/page.safetensors", "HTML"),
 ])
-def test_bad_lora_is_an_error_naming_it_and_the_next_job_is_unaffected(worker_handler, server, path, fragment):
+def test_bad_lora_is_an_error_naming_it_and_the_next_job_is_unaffected(worker_handler, server, worker_cache_dir,
+                                                                      path, fragment):
     plain = images_of(run_through_sdk(worker_handler, small_job(seed=43)))
     result = run_through_sdk(worker_handler, small_job(seed=43, loras=[
         {"path": server.url("/style.safetensors"), "scale": 1.0}, {"path": server.url(path), "name": "bad one"}]))
     assert "loras[1]" in result["error"] and fragment in result["error"], result["error"]
     assert "output" not in result
+    assert cache_problems(worker_cache_dir) == []
     assert images_of(run_through_sdk(worker_handler, small_job(seed=43))) == plain
 
 

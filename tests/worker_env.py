@@ -7,12 +7,19 @@ import base64
 import io
 import os
 import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 from PIL import Image
 from runpod.serverless.modules.rp_job import run_job
+
+from sdxl_worker.lora.settings import CacheSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_URI_PREFIX = "data:image/png;base64,"
@@ -32,9 +39,23 @@ def small_job(**overrides: Any) -> dict[str, Any]:
     return {**SMALL_JOB, **overrides}
 
 
+def fast_cache_settings(cache_dir: Path, **overrides: Any) -> CacheSettings:
+    """LoRA cache settings for fault tests: servers on 127.0.0.1 allowed, short timeouts, quick retries (2)."""
+    options: dict[str, Any] = {"cache_dir": cache_dir, "allow_private_hosts": True, "connect_timeout_s": 2.0,
+                               "read_timeout_s": 1.5, "download_retries": 2, "retry_backoff_s": 0.05,
+                               "retry_wait_max_s": 2.0, **overrides}
+    return CacheSettings(**options)
+
+
 def run_through_sdk(handler, job_input: Any, job_id: str = "test-job") -> dict[str, Any]:
     """Run one job through the runpod SDK's own ``run_job``, as the serverless loop and --test_input do."""
     return asyncio.run(run_job(handler, {"id": job_id, "input": job_input}))
+
+
+def images_of(result: dict[str, Any]) -> list[str]:
+    """The images of a successful ``run_through_sdk`` result (failing with the job's error otherwise)."""
+    assert "error" not in result, result["error"]
+    return result["output"]["images"]
 
 
 def png_from_data_uri(uri: str) -> bytes:
@@ -63,3 +84,34 @@ def subprocess_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@contextmanager
+def local_api(folder: Path, env: dict[str, str],
+              start_timeout_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``python handler.py --rp_serve_api`` (the runpod SDK's local FastAPI server) on a free port, its log in
+    ``folder/server.log``; yields the base URL and the process once ``/openapi.json`` answers, and stops it after."""
+    port = free_port()
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [PYTHON, str(PROJECT_ROOT / "handler.py"), "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+             "--rp_api_port", str(port)], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                requests.get(base + "/openapi.json", timeout=2).raise_for_status()
+                break
+            except requests.RequestException:
+                assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the local API server did not start"
+                time.sleep(0.5)
+        yield base, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)

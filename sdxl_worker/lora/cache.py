@@ -54,6 +54,7 @@ from pathlib import Path
 from sdxl_worker.errors import LoraError
 from sdxl_worker.lora.civitai_api import fetch_version_file
 from sdxl_worker.lora.civitai_source import civitai_ref
+from sdxl_worker.lora.disk_errors import describe_disk_error
 from sdxl_worker.lora.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
 from sdxl_worker.lora.file_checks import (
     PEFT_CONFIG,
@@ -139,8 +140,6 @@ class LoraCache:
         self.settings = settings
         self.root = settings.cache_dir
         self.pinned_keys = pinned_entry_keys(parse_sources("PINNED_LORAS", settings.pinned_sources))
-        for folder in (".locks", ".leases"):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
         self._real_root = self.root.resolve()
         self._heartbeat = Heartbeat(settings.heartbeat_s)
         self._leases = Leases(self.root / ".leases", self._heartbeat, settings.lease_stale_s)
@@ -151,12 +150,24 @@ class LoraCache:
         self._counts: Counter[str] = Counter()
         self._free_bytes = free_bytes or disk_free_bytes(self.root)
         self._evictor = Evictor(self.root, settings, self._heartbeat, self._leases, self._held, self.pinned_keys)
-        clean_leftovers(self.root, settings)
+        self._ready = False
+        try:
+            self._prepare()
+        except OSError as error:
+            LOG.warning("LoRA cache not ready: %s; jobs that fetch LoRAs fail until it is",
+                        describe_disk_error(error, self.root))
 
     @classmethod
     def from_env(cls) -> LoraCache:
         """A cache configured by the environment (``CacheSettings.from_env``)."""
         return cls(CacheSettings.from_env())
+
+    def _prepare(self) -> None:
+        """Create the internal folders and remove leftovers; fetching retries this until it succeeds."""
+        for folder in (".locks", ".leases"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.root, self.settings)
+        self._ready = True
 
     # -- public API -------------------------------------------------------------------------------------------
 
@@ -191,7 +202,10 @@ class LoraCache:
         leases: list[Path] = []
         try:
             for key in keys:
-                leases.append(self._leases.take(key))
+                try:
+                    leases.append(self._leases.take(key))
+                except OSError as error:  # a read-only or full volume: nobody can evict there either
+                    LOG.warning("no lease on LoRA cache entry %s: %s", key, describe_disk_error(error, self.root))
             yield
         finally:
             for lease in leases:
@@ -286,8 +300,8 @@ class LoraCache:
         except LoraError as error:
             raise LoraError(scrub(f"{prefix}: {error}", self._secrets(request))) from None
         except OSError as error:
-            raise LoraError(scrub(f"{prefix}: LoRA cache I/O error ({type(error).__name__}: {error.strerror})",
-                                  self._secrets(request))) from None
+            message = f"{prefix}: {describe_disk_error(error, self.root)}"
+            raise LoraError(scrub(message, self._secrets(request))) from None
         return dataclasses.replace(resolved, fetch_ms=(time.perf_counter() - start) * 1000)
 
     def _resolve_remote(self, request: LoraRequest, report: TransferProgress,
@@ -303,6 +317,8 @@ class LoraCache:
             LOG.info("lora wait %s [%s]: %s is fetching it", self._shown(request), key, describe_owner(owner))
             report.message("waiting for another worker to finish downloading it")
 
+        if not self._ready:
+            self._prepare()
         lock = EntryLock(self.root / ".locks" / f"{key}.lock", self._heartbeat, self.settings.lock_stale_s,
                          self.settings.lock_wait_s)
         lock.acquire(on_wait)

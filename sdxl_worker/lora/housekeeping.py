@@ -77,11 +77,19 @@ def scan_entries(root: Path) -> list[Entry]:
     return entries
 
 
+def _delete(path: Path) -> None:
+    """Delete a folder, or only the link when ``path`` is a symlink (never what a link points to)."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def trash(root: Path, path: Path) -> None:
-    """Delete a folder of the cache so that its name vanishes atomically."""
+    """Delete a folder of the cache (or a link standing in for one) so that its name vanishes atomically."""
     moved = root / f".trash-{secrets.token_hex(6)}"
     path.rename(moved)
-    shutil.rmtree(moved, ignore_errors=True)
+    _delete(moved)
 
 
 def clean_leftovers(root: Path, settings: CacheSettings) -> None:
@@ -89,7 +97,7 @@ def clean_leftovers(root: Path, settings: CacheSettings) -> None:
     now = time.time()
     for child in root.iterdir():
         if child.name.startswith(".trash-"):
-            shutil.rmtree(child, ignore_errors=True)
+            _delete(child)
         elif child.name.startswith(".tmp-") and child.is_dir():
             alive = owner_alive(read_record(child / ".owner"))
             if alive is False or (alive is None and now - _newest_mtime(child) > settings.tmp_stale_s):

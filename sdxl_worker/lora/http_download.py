@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email.message
 import email.utils
+import http.client
 import logging
 import random
 import time
@@ -31,6 +32,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
+from urllib3.exceptions import ReadTimeoutError
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.lora.chunk_writer import ChunkWriter
@@ -47,6 +49,11 @@ CHUNK_BYTES = 1024 * 1024
 USER_AGENT = "sdxl-worker-lora/1"
 ByteProgress = Callable[[int, int | None], None]
 T = TypeVar("T")
+_BROKEN_BODY_CAUSES: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionResetError, "connection reset by the server"),
+    (http.client.IncompleteRead, "the server closed the connection before the end"),
+    (ReadTimeoutError, "read timed out"),
+)
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,18 @@ def url_filename(url: str) -> str | None:
     return segment if "." in segment.strip(".") else None
 
 
+def _broken_body_cause(error: BaseException) -> str:
+    """Why a body stopped midway, from the exception chain requests wraps it in (reset, early close, timeout)."""
+    pending: list[BaseException] = [error]
+    while pending:
+        item = pending.pop()
+        for kind, cause in _BROKEN_BODY_CAUSES:
+            if isinstance(item, kind):
+                return cause
+        pending.extend(arg for arg in item.args if isinstance(arg, BaseException))
+    return type(error).__name__
+
+
 def _content_length(response: requests.Response) -> int | None:
     if response.headers.get("Content-Encoding", "identity").lower() != "identity":
         return None
@@ -199,7 +218,10 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
                     if progress is not None:
                         progress(done, total)
             except requests.RequestException as error:
-                raise Retryable(f"the connection broke after {format_size(done)} ({type(error).__name__})") from None
+                received = max(done, response.raw.tell())  # bytes of a chunk cut short count too
+                expected = f" of {format_size(total)}" if total is not None else ""
+                raise Retryable(f"the download broke off after {format_size(received)}{expected}: "
+                                f"{_broken_body_cause(error)}") from None
             if total is not None and done != total:
                 raise Retryable(f"the body ended after {done} of {total} bytes")
     return DownloadInfo(size=done, sha256=sink.sha256,

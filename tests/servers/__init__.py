@@ -1,1 +1,1 @@
-"""Test helpers: local HTTP and Hugging Face servers, LoRA-like files, a subprocess resolver."""
+"""Test helpers: local HTTP, Hugging Face and progress servers, LoRA-like files, worker and resolver subprocesses."""

@@ -17,9 +17,10 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import unquote, urlsplit
+
+from tests.servers.background import BackgroundServer
 
 _INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
@@ -34,7 +35,7 @@ class Repo:
     revisions: tuple[str, ...] = ("main",)
 
 
-class FakeHub:
+class FakeHub(BackgroundServer):
     """``with FakeHub() as hub: hub.add_repo("me/lora", {"x.safetensors": data}); endpoint=hub.endpoint``."""
 
     def __init__(self) -> None:
@@ -42,13 +43,11 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         self.fail_resolve_gets = 0   # answer that many resolve GETs with 503 first
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        super().__init__(_handler_class(self))
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], token: str | None = None,
                  revisions: tuple[str, ...] = ("main",)) -> str:
@@ -72,13 +71,6 @@ class FakeHub:
                 return True
             return False
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def _sibling(name: str, data: bytes) -> dict:

@@ -1,16 +1,21 @@
-"""A real threaded HTTP/1.1 server on 127.0.0.1 that serves, delays, fails, truncates and redirects on demand.
+"""A real threaded HTTP/1.1 server on 127.0.0.1 that serves, delays, fails, truncates, resets and redirects on demand.
 
 Each path has a ``Route``; the server records every request (method, path, headers) and the body bytes it sent.
+A truncated body ends with an orderly close (FIN) before ``Content-Length`` is reached; a reset aborts the connection
+with a TCP RST (``SO_LINGER`` 0) after some body bytes, as a crashed or killed peer does.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+
+from tests.servers.background import BackgroundServer
 
 
 @dataclass
@@ -21,11 +26,14 @@ class Route:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0               # before the status line
+    delay_first: int | None = None     # delay only requests 1..N (None: all)
     chunk_size: int = 64 * 1024
     chunk_delay_s: float = 0.0         # between body chunks
     send_length: bool = True           # False: no Content-Length, the body ends when the connection closes
     truncate_at: int | None = None     # stop after this many body bytes and close (Content-Length stays full)
     truncate_first: int | None = None  # truncate only requests 1..N (None: all)
+    reset_at: int | None = None        # after this many body bytes, abort the connection with a TCP RST
+    reset_first: int | None = None     # reset only requests 1..N (None: all)
     fail_first: int = 0                # answer requests 1..N with fail_status
     fail_status: int = 503
     retry_after: str | None = None
@@ -34,21 +42,15 @@ class Route:
     require_auth: str | None = None    # the Authorization value required, else 401
 
 
-class FaultServer:
+class FaultServer(BackgroundServer):
     """``with FaultServer() as server: server.route("/a", body=b"..."); requests.get(server.url("/a"))``."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.sent: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1]
+        super().__init__(_handler_class(self), host, _AbortingHTTPServer)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -70,13 +72,33 @@ class FaultServer:
             self.requests.append((method, path, headers))
             return sum(1 for seen_method, seen_path, _ in self.requests if (seen_method, seen_path) == (method, path))
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *_: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+
+class _AbortingHTTPServer(ThreadingHTTPServer):
+    """Closes the connections a handler marked with ``abort`` with a bare RST, without the usual FIN first."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._aborted: set[int] = set()
+        self._aborted_lock = threading.Lock()
+
+    def abort(self, request: socket.socket) -> None:
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with self._aborted_lock:
+            self._aborted.add(id(request))
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._aborted_lock:
+            aborted = id(request) in self._aborted
+            self._aborted.discard(id(request))
+        if aborted:
+            self.close_request(request)
+        else:
+            super().shutdown_request(request)
+
+
+def _applies(first: int | None, number: int) -> bool:
+    return first is None or number <= first
 
 
 def _handler_class(owner: FaultServer) -> type[BaseHTTPRequestHandler]:
@@ -105,7 +127,8 @@ def _handler_class(owner: FaultServer) -> type[BaseHTTPRequestHandler]:
             route = owner.routes.get(path)
             if route is None:
                 return self._simple(404)
-            time.sleep(route.delay_s)
+            if _applies(route.delay_first, number):
+                time.sleep(route.delay_s)
             if route.require_auth is not None and self.headers.get("Authorization") != route.require_auth:
                 return self._simple(401)
             if number <= route.fail_first:
@@ -123,8 +146,10 @@ def _handler_class(owner: FaultServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if not send_body:
                 return None
-            truncating = route.truncate_at is not None and (route.truncate_first is None or number <= route.truncate_first)
-            end = route.truncate_at if truncating else len(route.body)
+            truncating = route.truncate_at is not None and _applies(route.truncate_first, number)
+            resetting = route.reset_at is not None and _applies(route.reset_first, number)
+            end = min(route.truncate_at if truncating else len(route.body),
+                      route.reset_at if resetting else len(route.body))
             try:
                 for start in range(0, end, route.chunk_size):
                     chunk = route.body[start:min(start + route.chunk_size, end)]
@@ -135,8 +160,10 @@ def _handler_class(owner: FaultServer) -> type[BaseHTTPRequestHandler]:
                     time.sleep(route.chunk_delay_s)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
-            if truncating:
+            if truncating or resetting:
                 self.close_connection = True
+            if resetting:
+                self.server.abort(self.connection)
             return None
 
     return Handler

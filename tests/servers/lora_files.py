@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -54,3 +55,8 @@ def malicious_pickle_bytes(marker: Path) -> bytes:
     buffer = io.BytesIO()
     torch.save({"weight": torch.zeros(2), "payload": _RunsCode(marker)}, buffer)
     return buffer.getvalue()
+
+
+def legacy_pickle_bytes(marker: Path) -> bytes:
+    """A plain (non-zip) pickle, the old ``.bin``/``.ckpt`` layout, whose unpickling would create ``marker``."""
+    return pickle.dumps({"lora_unet_x.lora_down.weight": _RunsCode(marker)}, protocol=2)
