@@ -129,7 +129,7 @@ def _draw_loras(draw, drawn: Drawn, spoiling: bool) -> None:
         drawn.value["loras"] = [draw(_lora_entry)]
     elif kind == "missing":
         drawn.value["loras"] = [draw(_cache_name.filter(lambda name: name != PLACED_LORA))]
-        drawn.late = drawn.late or "Invalid input: loras[0]: unknown LoRA"  # the worker's check, before any download
+        drawn.late = "Invalid input: loras[0]: unknown LoRA"  # the worker's name check, before any download
     elif kind == "spoiled":
         good = draw(st.lists(_lora_entry, max_size=1))
         drawn.value["loras"] = good + draw(st.lists(_bad_lora_entry, min_size=1, max_size=4))
@@ -153,7 +153,7 @@ def _draw_image_url(draw, drawn: Drawn, spoiling: bool) -> None:
             st.text(max_size=40).map(lambda text: "x-" + text),
             st.sampled_from(["file:///etc/passwd", "ftp://example.com/a.png", "data:image/png;base64,!!!",
                              "data:image/png;base64,aGVsbG8=", "javascript:alert(1)", "http://169.254.169.254/x"])))
-        drawn.late = "image_url"
+        drawn.late = drawn.late or "image_url"  # a LoRA missing from the cache is refused first, at validation
     elif kind == "not-text":
         drawn.value["image_url"] = draw(_not_text)
         drawn.spoiled.add("image_url")
