@@ -63,7 +63,8 @@ def main() -> int:
         files = write_bench_loras(pipes.base, workdir / "served", full, cycle_count=20)
         worker = Worker(pipes, LoraCache(cache_settings(workdir / "cache")), LoraRamCache(4 * 1024**3))
         with serve_folder(workdir / "served") as base_url:
-            setup = Setup(worker, shape, JobShape(memory_size, memory_size, steps=2), files, base_url, workdir,
+            memory_shape = JobShape(memory_size, memory_size, steps=1 if args.quick else 2)  # flat or not at any count
+            setup = Setup(worker, shape, memory_shape, files, base_url, workdir,
                           args.runs, args.memory_jobs)
             results = {
                 "mode": "quick" if args.quick else "full", "device": str(device), "dtype": str(dtype),

@@ -222,3 +222,28 @@ def test_same_set_as_last_job_reuses_the_fused_weights_with_identical_results(pi
     assert [reused for reused, _ in outcomes] == [False, True, False, False]
     assert np.array_equal(outcomes[0][1], expected) and np.array_equal(outcomes[1][1], expected)
     assert not np.array_equal(outcomes[2][1], expected)
+
+
+def test_another_set_is_fused_into_the_kept_tensors_with_the_bits_of_a_fresh_fuse(pipe, tmp_path):
+    reference = snapshot(pipe)
+    config = pipe.unet.config
+    first = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=9)), config)
+    second = parse(write_kohya(tmp_path / "b.safetensors", canonical_factors(pipe, ALL, rank=8, seed=10)), config)
+    unet_only = parse(write_kohya(tmp_path / "c.safetensors", canonical_factors(pipe, ("unet",), 2, seed=11)), config)
+    jobs = [[(second, 0.7, "b")], [(second, -0.4, "b"), (unet_only, 1.3, "c")], [(unet_only, 0.5, "c")]]
+    expected = []
+    for job in jobs:
+        with LoraPatcher(pipe, reuse_fused=False).applied(job):
+            expected.append(snapshot(pipe))
+    patcher = LoraPatcher(pipe)
+    with patcher.applied([(first, 0.6, "a")]):
+        pass
+    for job, fresh in zip(jobs, expected):
+        kept = {id(weight): tensor.data_ptr() for weight, tensor in patcher._kept.items()}
+        with patcher.applied(job):
+            assert snapshot(pipe).keys() == fresh.keys()
+            changed = [key for key in fresh if not torch.equal(snapshot(pipe)[key], fresh[key])]
+            assert not changed, f"{len(changed)} tensors differ from a fresh fuse, e.g. {changed[:3]}"
+            written = [weight.data.data_ptr() for weight in patcher._originals if id(weight) in kept]
+            assert written and all(pointer in kept.values() for pointer in written)  # no new memory where it fit
+        assert_bit_identical(pipe, reference)

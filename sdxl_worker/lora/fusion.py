@@ -9,7 +9,9 @@ memory while a job runs: one tensor per touched weight.
 
 The fused tensors of the last LoRA set are kept after ``restore`` (``reuse_fused``): a job with the same LoRAs at the
 same scales swaps them in again without computing anything. They are the same bits a recomputation would give, and
-the originals are never touched, so exactness is unaffected; the cost is holding one set of touched weights.
+the originals are never touched, so exactness is unaffected; the cost is holding one set of touched weights. A job
+with another set writes its fused weights into those kept tensors where parameter and shape match, instead of
+allocating new ones: on a CPU, a fresh multi-GB tensor costs a page fault per 4 KiB page on first write.
 
 Every LoRA is checked against the pipeline (modules found, shapes fit) before any weight changes. ``apply``
 restores whatever it already changed if it fails midway. Callers serialize pipeline use (one job at a time).
@@ -69,17 +71,39 @@ def _fits(module: torch.nn.Module, factors: LoraFactors) -> bool:
     return down.shape[2:] == weight.shape[2:]
 
 
-def fused_weight(weight: torch.Tensor, parts: list[tuple[LoraFactors, float]]) -> torch.Tensor:
-    """A new tensor ``weight + sum(scale * up @ down)``, accumulated in float32, in ``weight``'s dtype and shape.
+def fused_weight(weight: torch.Tensor, parts: list[tuple[LoraFactors, float]],
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight + sum(scale * up @ down)``, accumulated in float32, in ``weight``'s dtype and shape; ``weight`` is
+    only read.
 
-    The first product is added out of place (reading the original once, writing the new tensor), the others in place.
+    The first product is added out of place (reading the original once), the others in place. The result is written
+    into ``out`` when given (a contiguous tensor like ``weight``, whose values are overwritten), else into a new tensor;
+    the bits are the same either way.
     """
-    fused = weight.detach().reshape(weight.shape[0], -1).float()
+    rows = weight.shape[0]
+    into = out.view(rows, -1) if out is not None else None
+    fused = weight.detach().reshape(rows, -1).float()
     for index, (factors, scale) in enumerate(parts):
         down = factors.down.to(device=weight.device, dtype=torch.float32).flatten(1)
         up = factors.up.to(device=weight.device, dtype=torch.float32).flatten(1)
-        fused = torch.addmm(fused, up, down, alpha=scale) if index == 0 else fused.addmm_(up, down, alpha=scale)
-    return fused.to(weight.dtype).view(weight.shape)
+        if index:
+            fused.addmm_(up, down, alpha=scale)
+        elif into is not None and into.dtype == torch.float32:
+            fused = torch.addmm(fused, up, down, alpha=scale, out=into)
+        else:
+            fused = torch.addmm(fused, up, down, alpha=scale)
+    if into is None:
+        return fused.to(weight.dtype).view(weight.shape)
+    if fused is not into:
+        into.copy_(fused)  # rounds to the weight's dtype once, as .to() does
+    return out
+
+
+def _reusable(buffer: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """``buffer`` if the fused weight of ``weight`` can be written into it."""
+    if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype:
+        return None
+    return buffer if buffer.device == weight.device and buffer.is_contiguous() else None
 
 
 class LoraPatcher:
@@ -94,8 +118,18 @@ class LoraPatcher:
         self._kept: dict[torch.nn.Parameter, torch.Tensor] = {}
 
     def forget_fused(self) -> None:
-        """Drop the kept fused tensors of the last LoRA set (frees their memory)."""
+        """Forget which LoRA set the kept fused tensors hold: the next job computes its fused weights again (into
+        those tensors, where they fit)."""
+        self._kept_key = None
+
+    def release_fused(self) -> None:
+        """Drop the kept fused tensors (frees their memory)."""
         self._kept_key, self._kept = None, {}
+
+    def _take_buffers(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """The kept fused tensors, handed over to be overwritten: from now on they hold no LoRA set."""
+        buffers, self._kept_key, self._kept = self._kept, None, {}
+        return buffers
 
     def _find(self, component: str, path: str) -> torch.nn.Module | None:
         modules = self._modules.get(component, {})
@@ -149,13 +183,15 @@ class LoraPatcher:
                     target.parts.append((lora.components[component][path], float(scale)))
         key = tuple((lora.sha256, float(scale)) for lora, scale, _ in loras if scale != 0)
         reused = self.reuse_fused and key == self._kept_key and bool(self._kept)
-        if targets and not reused:
-            self.forget_fused()
+        buffers = self._take_buffers() if targets and not reused else {}
         start = time.perf_counter()
         try:
             for target in targets.values():
                 weight = target.module.weight
-                fused = self._kept[weight] if reused else fused_weight(weight, target.parts)
+                if reused:
+                    fused = self._kept[weight]
+                else:
+                    fused = fused_weight(weight, target.parts, out=_reusable(buffers.pop(weight, None), weight))
                 self._originals[weight] = weight.data
                 weight.data = fused
             if self.reuse_fused and targets and not reused:
