@@ -156,3 +156,14 @@ def test_a_lora_failing_midway_errors_cleanly_and_restores_the_pipeline(worker_h
     assert_bit_identical(pipe, weights)
     assert images(run(overlapped, seed=53)) == baseline
     assert images(run(overlapped, seed=53, loras=["unet.safetensors"])) == with_lora
+
+
+def test_overlapped_and_sequential_applies_alternate_on_one_worker(worker_handler, lora_files, tmp_path):
+    """The overlapped path fuses inside the pipeline call (inference mode), the text-encoder fallback outside it; the
+    fused tensors one job leaves are written by the next, whichever path each takes."""
+    jobs = [["unet.safetensors"], ["all.safetensors"], [{"path": "unet2.safetensors", "scale": -0.6}],
+            [{"path": "all.safetensors", "scale": 0.4}], ["unet.safetensors", "unet2.safetensors"]]
+    sequential = make_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
+    expected = [images(run(sequential, seed=54, loras=loras)) for loras in jobs]
+    overlapped = make_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
+    assert [images(run(overlapped, seed=54, loras=loras)) for loras in jobs + jobs] == expected + expected

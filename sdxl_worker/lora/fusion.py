@@ -191,7 +191,10 @@ class LoraPatcher:
                 if reused:
                     fused = self._kept[weight]
                 else:
-                    fused = fused_weight(weight, target.parts, out=_reusable(buffers.pop(weight, None), weight))
+                    # Outside inference mode, so the kept tensors can be written by any later apply: the overlapped
+                    # path applies inside the pipeline call (inference mode), the sequential path outside it.
+                    with torch.inference_mode(False):
+                        fused = fused_weight(weight, target.parts, out=_reusable(buffers.pop(weight, None), weight))
                 self._originals[weight] = weight.data
                 weight.data = fused
             if self.reuse_fused and targets and not reused:
