@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -77,13 +78,17 @@ def plain_job(pipe, shape: JobShape, device: torch.device) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-def plain_download(url: str, target: Path, fsync: bool = False) -> int:
-    """A plain streaming copy with requests (1 MiB chunks), the baseline for download throughput."""
+def plain_download(url: str, target: Path, fsync: bool = False, sha256: bool = False) -> int:
+    """A plain streaming copy with requests (1 MiB chunks), the baseline for download throughput; optionally each
+    chunk is also hashed inline (``sha256``) and the file fsynced."""
     size = 0
+    digest = hashlib.sha256()
     with requests.get(url, stream=True, timeout=60) as response, open(target, "wb") as out:
         response.raise_for_status()
         for chunk in response.iter_content(1024 * 1024):
             out.write(chunk)
+            if sha256:
+                digest.update(chunk)
             size += len(chunk)
         if fsync:
             out.flush()

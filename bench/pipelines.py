@@ -16,11 +16,22 @@ LOG = logging.getLogger(__name__)
 FULL_ARCH_DIR = Path(__file__).resolve().parent / "sdxl-arch"
 
 
+def _unet(device: torch.device) -> UNet2DConditionModel:
+    with torch.device(device):
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(FULL_ARCH_DIR / "unet"))
+
+
+def full_size_unet(device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
+    """The full-size SDXL UNet alone, random weights (seed 0), for microbenchmarks."""
+    torch.manual_seed(0)
+    return _unet(device).to(dtype=dtype).eval()
+
+
 def _full_size(device: torch.device, dtype: torch.dtype) -> StableDiffusionXLPipeline:
     """Every full-size SDXL module built from its config on ``device`` with random weights (seed 0)."""
     torch.manual_seed(0)
+    unet = _unet(device)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(FULL_ARCH_DIR / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(FULL_ARCH_DIR / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(FULL_ARCH_DIR / "text_encoder"))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(FULL_ARCH_DIR / "text_encoder_2"))

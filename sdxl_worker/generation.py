@@ -66,7 +66,8 @@ def _planned_steps(params: JobParams, pipes: Pipelines) -> tuple[int, int]:
         return params.num_inference_steps, 0
     if params.high_noise_frac is not None:
         base = int(round(params.num_inference_steps * params.high_noise_frac))
-        return base, params.refiner_inference_steps - int(round(params.refiner_inference_steps * params.high_noise_frac))
+        refined = params.refiner_inference_steps
+        return base, refined - int(round(refined * params.high_noise_frac))
     return params.num_inference_steps, max(1, int(params.refiner_inference_steps * params.strength))
 
 

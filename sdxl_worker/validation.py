@@ -99,7 +99,8 @@ def check_fields(raw: dict[str, Any], schema: Schema) -> tuple[dict[str, Any], l
 
 
 def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None) -> JobParams:
-    """Validate a job's ``input`` against ``INPUT_SCHEMA`` and the LoRA rules; raise ``InputError`` listing all problems.
+    """Validate a job's ``input`` against ``INPUT_SCHEMA`` and the LoRA rules; raise ``InputError`` listing all
+    problems.
 
     ``aliases`` (``LORA_ALIASES``) resolve names in ``loras`` and in prompt tags.
     """

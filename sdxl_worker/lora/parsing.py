@@ -134,8 +134,18 @@ def _refuse_unsupported(keys: list[str], name: str) -> None:
             raise LoraError(f"{name}: {kind} weights are not supported; only plain LoRA (low-rank up/down) files are")
 
 
+def _cast_factors(state: dict[str, torch.Tensor], device: torch.device | str,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor but the ``.alpha`` scalars on ``device`` in ``dtype``, each in one pass, before any arithmetic.
+
+    Each result is a tensor of its own (a copy where ``.to`` would return its input), so folding can work in place.
+    """
+    return {key: value if key.endswith(".alpha") else value.to(device=device, dtype=dtype, copy=True)
+            for key, value in state.items()}
+
+
 def _fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Multiply each up factor by ``alpha / rank`` and drop the ``.alpha`` keys."""
+    """Multiply each up factor by ``alpha / rank`` in place and drop the ``.alpha`` keys."""
     folded = dict(state)
     alpha_keys = [key for key in state if key.endswith(".alpha")]
     if not alpha_keys:
@@ -149,7 +159,7 @@ def _fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         up_key = base + _UP_OF_DOWN[down_key[len(base):]]
         if up_key in folded:
-            folded[up_key] = folded[up_key].float() * (alpha / folded[down_key].shape[0])
+            folded[up_key].mul_(alpha / folded[down_key].shape[0])
     return folded
 
 
@@ -189,7 +199,7 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
     if not state:
         raise LoraError(f"{path.name} holds no tensors")
     _refuse_unsupported(list(state), path.name)
-    state = _fold_alphas(state)
+    state = _fold_alphas(_cast_factors(state, device, dtype))
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet_config)
     components: dict[str, dict[str, LoraFactors]] = {}
     unmatched: list[str] = []

@@ -1,0 +1,63 @@
+"""Fusing a rank-32 LoRA into the full-size SDXL UNet: into the kept fused tensors vs into freshly allocated ones.
+
+    python -m bench.fuse_buffers --device cpu --runs 7
+
+Two LoRAs alternate, so every apply computes (nothing is reused as is). ``kept`` writes into the tensors the last
+job left (``LoraPatcher.forget_fused``), ``fresh`` allocates new ones (``release_fused``). Prints one JSON line:
+the median ms of each, warm-up excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+from bench.paths import timed
+from bench.pipelines import full_size_unet
+from sdxl_worker.lora.fusion import LoraPatcher
+from sdxl_worker.lora.parsing import load_lora
+from tools.synthetic_lora import write_kohya_lora
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    unet = full_size_unet(device, dtype)
+    patcher = LoraPatcher(types.SimpleNamespace(unet=unet))
+    times: dict[str, list[float]] = {"kept": [], "fresh": []}
+    with tempfile.TemporaryDirectory() as folder:
+        loras = [load_lora(write_kohya_lora(Path(folder) / f"lora{seed}.safetensors", {"unet": unet}, rank=32,
+                                            seed=seed), f"lora{seed}", unet_config=unet.config, device=device,
+                           dtype=dtype) for seed in (1, 2)]
+    for run in range(args.runs + 1):
+        for mode in times:
+            if mode == "fresh":
+                patcher.release_fused()
+            else:
+                patcher.forget_fused()
+            elapsed = timed(device, lambda: patcher.apply([(loras[run % 2], 0.8, "bench")]))[0]
+            patcher.restore()
+            if run:
+                times[mode].append(elapsed)
+    sys.stdout.write(json.dumps({"device": str(device), "dtype": str(dtype), "runs": args.runs,
+                                 "modules": sum(len(m) for m in loras[0].components.values()),
+                                 **{f"fuse_ms_{mode}": round(statistics.median(v), 1) for mode, v in times.items()}})
+                     + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
