@@ -11,7 +11,8 @@ The fused tensors of the last LoRA set are kept after ``restore`` (``reuse_fused
 same scales swaps them in again without computing anything. They are the same bits a recomputation would give, and
 the originals are never touched, so exactness is unaffected; the cost is holding one set of touched weights. A job
 with another set writes its fused weights into those kept tensors where parameter and shape match, instead of
-allocating new ones: on a CPU, a fresh multi-GB tensor costs a page fault per 4 KiB page on first write.
+allocating new ones: the worker never holds two fused sets, and on a CPU memory that the allocator has not
+used before costs a page fault per 4 KiB page on first write.
 
 Every LoRA is checked against the pipeline (modules found, shapes fit) before any weight changes. ``apply``
 restores whatever it already changed if it fails midway. Callers serialize pipeline use (one job at a time).
