@@ -73,6 +73,22 @@ def test_loras_change_the_image_and_leave_no_trace(worker_handler, server, lora_
     assert images_of(run_through_sdk(worker_handler, small_job(seed=41))) == plain
 
 
+def test_a_job_without_loras_is_the_plain_diffusers_call_pixel_for_pixel(worker_handler, server, tiny_pipeline):
+    """What a worker without LoRA support computes: a separately loaded pipeline, called directly."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tests.worker_env import image_from_png, png_from_data_uri
+
+    run_through_sdk(worker_handler, small_job(seed=44, loras=[server.url("/style.safetensors")]))  # LoRAs used before
+    ours = image_from_png(png_from_data_uri(images_of(run_through_sdk(worker_handler, small_job(seed=44)))[0]))
+    job = small_job(seed=44)
+    tiny_pipeline.scheduler = EulerDiscreteScheduler.from_config(tiny_pipeline.scheduler.config)
+    plain = tiny_pipeline(prompt=job["prompt"], negative_prompt=job["negative_prompt"], height=job["height"],
+                          width=job["width"], num_inference_steps=job["num_inference_steps"], guidance_scale=7.5,
+                          generator=torch.Generator("cpu").manual_seed(44)).images[0]
+    assert ours.size == plain.size and ours.tobytes() == plain.convert(ours.mode).tobytes()
+
+
 def test_scale_zero_gives_the_same_bytes_as_no_lora(worker_handler, server):
     plain = images_of(run_through_sdk(worker_handler, small_job(seed=42)))
     zero = images_of(run_through_sdk(worker_handler, small_job(
