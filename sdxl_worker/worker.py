@@ -51,7 +51,7 @@ from sdxl_worker.lora.metadata import base_model_problem, job_trigger_words, met
 from sdxl_worker.lora.parsing import PEFT_CONFIG, TEXT_ENCODERS, ParsedLora, load_lora
 from sdxl_worker.lora.pinning import parse_sources
 from sdxl_worker.lora.prompt_tags import with_trigger_words
-from sdxl_worker.lora.redact import public_url, scrub
+from sdxl_worker.lora.redact import public_source, scrub
 from sdxl_worker.lora.requests import Aliases, LoraRequest
 from sdxl_worker.lora.settings import source_list
 from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
@@ -290,9 +290,8 @@ def ram_cache_key(item: ResolvedLora) -> str:
 def lora_report(item: LoadedLora, report: ApplyReport, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
     """The per-LoRA entry of a job's output; URLs lose secret query parameters, token values are masked."""
     request = item.resolved.request
-    source = public_url(request.source) if "://" in request.source else request.source
     return {
-        "source": scrub(source, secrets),
+        "source": scrub(public_source(request.source), secrets),
         "label": scrub(request.label, secrets),
         "scale": request.scale,
         "file": scrub(item.resolved.display_name, secrets),

@@ -144,6 +144,12 @@ def test_shown_aliases_never_carry_secret_query_parameters(aliases):
     assert shown["film"]["path"] == "https://example.com/loras/film-grain.safetensors"
 
 
+def test_a_civitai_url_alias_is_shown_without_the_token_pasted_into_it():
+    pasted = "https://civitai.com/api/download/models/128713?type=Model&token=PASTED-SECRET-9"
+    aliases = load_aliases({"LORA_ALIASES": json.dumps({"civ": pasted})})
+    assert shown_aliases(aliases) == {"civ": {"path": "https://civitai.com/api/download/models/128713?type=Model"}}
+
+
 @pytest.mark.parametrize("value, fragment", [
     ("[1, 2]", "LORA_ALIASES: must be a JSON object mapping names to LoRA sources, got list"),
     ('{"a": ', "LORA_ALIASES: invalid JSON"),

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sdxl_worker.lora.redact import public_url
+from sdxl_worker.lora.redact import public_source
 from sdxl_worker.lora.requests import LoraRequest, parse_entry
 
 VARIABLE = "LORA_ALIASES"
@@ -86,13 +86,8 @@ def load_aliases(env: Mapping[str, str] | None = None) -> Mapping[str, Mapping[s
 
 
 def shown_aliases(aliases: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Aliases as a job may see them: URL sources without credentials or secret query parameters."""
-    shown = {}
-    for name, entry in aliases.items():
-        request = LoraRequest(0, entry["path"])
-        source = public_url(request.source) if request.kind == "url" else request.source
-        shown[name] = {**entry, "path": source}
-    return shown
+    """Aliases as a job may see them: URL sources (Civitai's too) without credentials or secret query parameters."""
+    return {name: {**entry, "path": public_source(entry["path"])} for name, entry in aliases.items()}
 
 
 def unknown_name_errors(requests: list[LoraRequest], exists: Callable[[str], bool]) -> list[str]:

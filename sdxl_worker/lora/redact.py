@@ -3,6 +3,7 @@
 - ``redact_url``: what a message or a log line may show of a URL: scheme, host, port and path only.
 - ``public_url``: a normalized URL without credentials, fragment and secret-looking query parameters (tokens,
   keys, signatures); used for cache keys and manifests, so ``?token=A`` and ``?token=B`` share one entry.
+- ``public_source``: a LoRA source as outputs may show it: any URL (Civitai's included) through ``public_url``.
 - ``scrub``: replaces known token values in any text.
 - ``QueryRedactingFilter``: a logging filter for third-party loggers (urllib3 logs request paths with their
   query strings at DEBUG level).
@@ -59,6 +60,12 @@ def public_url(url: str) -> str:
     query = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
              if not is_secret_param(name)]
     return urlunsplit((parts.scheme.lower(), _netloc(url), parts.path or "/", urlencode(query), ""))
+
+
+def public_source(source: str) -> str:
+    """A LoRA source for job outputs and listings: a URL of any kind as ``public_url`` gives it (a Civitai download
+    URL pasted with ``?token=`` included), any other source unchanged."""
+    return public_url(source) if "://" in source else source
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
