@@ -62,6 +62,7 @@ from sdxl_worker.lora.file_checks import (
     WEIGHT_EXTENSIONS,
     check_weights_file,
     choose_extension,
+    find_peft_weights,
     peft_weights,
     sha256_file,
 )
@@ -235,15 +236,13 @@ class LoraCache:
 
     def known_sha256(self, path: Path) -> str | None:
         """The sha256 this process computed for a hand-placed file or PEFT folder, if it is still current."""
-        weights = path
-        if path.is_dir():
-            weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+        weights = find_peft_weights(path) if path.is_dir() else path
+        if weights is None:
+            return None
         try:
-            memo_key = (weights, *_stamp(weights)) if weights is not None else None
+            _, known = self._memo(weights)
         except OSError:
             return None
-        with self._lock:
-            known = self._local.get(memo_key) if memo_key else None
         return known[0] if known else None
 
     def is_in_use(self, key: str) -> bool:
@@ -405,9 +404,16 @@ class LoraCache:
                             path.name if manifest is not None and KEY_PATTERN.match(path.name) else None,
                             tuple(manifest.trigger_words) if manifest is not None else ())
 
+    def _memo(self, weights: Path) -> tuple[tuple[Path, int, int, int], tuple[str, int] | None]:
+        """A hand-placed weights file's memo key (path and stat stamp) and the ``(sha256, size)`` this process
+        computed under it, if any."""
+        memo_key = (weights, *_stamp(weights))
+        with self._lock:
+            return memo_key, self._local.get(memo_key)
+
     def _hand_placed_digest(self, path: Path) -> tuple[str, int]:
         if path.is_dir():
-            weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+            weights = find_peft_weights(path)
             if weights is None:
                 raise LoraError(f"'{path.name}' is neither a downloaded entry nor a PEFT adapter folder "
                                 f"({PEFT_CONFIG} with {' or '.join(PEFT_WEIGHTS)})")
@@ -418,9 +424,7 @@ class LoraCache:
             raise LoraError(f"unsupported file type '{path.suffix}' (expected one of {', '.join(WEIGHT_EXTENSIONS)})")
         if not inside:
             raise LoraError(f"'{path.name}' leads outside the LoRA cache")
-        memo_key = (weights, *_stamp(weights))
-        with self._lock:
-            known = self._local.get(memo_key)
+        memo_key, known = self._memo(weights)
         if known is not None:
             return known
         if path.is_dir():

@@ -131,6 +131,11 @@ def _count_torch(path: Path, extension: str) -> int:
     return count
 
 
+def find_peft_weights(folder: Path) -> Path | None:
+    """The first of ``PEFT_WEIGHTS`` that is a file in ``folder``, else ``None`` (nothing is checked)."""
+    return next((folder / name for name in PEFT_WEIGHTS if (folder / name).is_file()), None)
+
+
 def peft_weights(folder: Path) -> Path:
     """The adapter weights file of a valid PEFT folder; ``LoraError`` if the folder is not one."""
     try:
@@ -139,9 +144,8 @@ def peft_weights(folder: Path) -> Path:
         config = None
     if not isinstance(config, dict):
         raise LoraError(f"not a PEFT adapter folder: {PEFT_CONFIG} is missing or not a JSON object")
-    for name in PEFT_WEIGHTS:
-        weights = folder / name
-        if weights.is_file():
-            check_weights_file(weights, weights.suffix)
-            return weights
-    raise LoraError(f"not a PEFT adapter folder: none of {', '.join(PEFT_WEIGHTS)} found")
+    weights = find_peft_weights(folder)
+    if weights is None:
+        raise LoraError(f"not a PEFT adapter folder: none of {', '.join(PEFT_WEIGHTS)} found")
+    check_weights_file(weights, weights.suffix)
+    return weights

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdxl_worker.lora.file_checks import MAX_HEADER_BYTES, PEFT_CONFIG, PEFT_WEIGHTS
+from sdxl_worker.lora.file_checks import MAX_HEADER_BYTES, PEFT_CONFIG, find_peft_weights
 
 if TYPE_CHECKING:
     from sdxl_worker.lora.cache import ResolvedLora
@@ -159,7 +159,7 @@ def lora_metadata(path: Path, identity: str) -> LoraMetadata:
     """The metadata of a LoRA file or PEFT folder; ``identity`` (its sha256, or a stat stamp) keys this memo and
     must change when the content does."""
     if path.is_dir():
-        weights = next((path / name for name in PEFT_WEIGHTS if (path / name).is_file()), None)
+        weights = find_peft_weights(path)
         fields = read_header_metadata(weights) if weights is not None and weights.suffix == ".safetensors" else {}
         return metadata_from_fields(fields, _peft_base_model(path))
     return metadata_from_fields(read_header_metadata(path) if path.suffix.lower() == ".safetensors" else {})

@@ -25,10 +25,10 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert
 from safetensors.torch import load_file
 
 from sdxl_worker.errors import LoraError
+from sdxl_worker.lora.file_checks import PEFT_CONFIG, find_peft_weights
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_ENCODERS)
-PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 UNSUPPORTED_TYPES = {
     re.compile(r"\.hada_"): "LoHa (LyCORIS)",
@@ -111,8 +111,7 @@ def _read_peft_folder(folder: Path, device: torch.device | str) -> dict[str, tor
         raise LoraError(f"{folder.name}: DoRA adapters are not supported (use_dora in {PEFT_CONFIG})")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise LoraError(f"{folder.name}: PEFT type {config.get('peft_type')} is not supported, only LORA")
-    weights = next((folder / name for name in ("adapter_model.safetensors", "adapter_model.bin")
-                    if (folder / name).is_file()), None)
+    weights = find_peft_weights(folder)
     if weights is None:
         raise LoraError(f"{folder.name}: no adapter_model.safetensors in the PEFT folder")
     raw = _read_file(weights, device)
