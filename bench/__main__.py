@@ -31,6 +31,7 @@ from sdxl_worker.lora.memory_cache import LoraRamCache
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger("bench")
+FIGURES = {figure.__name__: figure for figure in (per_job_overhead, step_time, disk_load, download, overlap, memory)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,12 +44,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-jobs", type=int, default=200)
     parser.add_argument("--memory-size", type=int, help="image side of the memory jobs (quick: 64, full: 256)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
-    parser.add_argument("--chart", type=Path, help="write the overhead chart (PNG) here")
+    parser.add_argument("--chart", type=Path, help="write the overhead chart (PNG) here (needs per_job_overhead)")
+    parser.add_argument("--only", type=lambda names: names.split(","), default=list(FIGURES),
+                        help=f"comma-separated figures to measure (default all: {','.join(FIGURES)})")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    unknown = sorted(set(args.only) - set(FIGURES))
+    if unknown:
+        raise SystemExit(f"--only: unknown figure(s) {unknown}; known: {sorted(FIGURES)}")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -74,15 +80,17 @@ def main() -> int:
                 "rank32_lora_mb": round(files["rank32_unet"].stat().st_size / 1e6, 1),
                 "rank128_lora_mb": round(files["rank128_all"].stat().st_size / 1e6, 1),
             }
-            for figure in (per_job_overhead, step_time, disk_load, download, overlap, memory):
+            for figure in (FIGURES[name] for name in FIGURES if name in args.only):
                 LOG.info("measuring %s", figure.__name__)
-                results.update(figure(setup))
+                figures = figure(setup)
+                LOG.info("%s: %s", figure.__name__, json.dumps(figures))  # kept even if a later figure fails
+                results.update(figures)
         results["seconds"] = round(time.time() - started, 1)
         results["verdicts"] = verdicts(results, device.type == "cuda")
     finally:
         cleanup(workdir)
     LOG.info("results:\n%s", markdown_table(results, device.type == "cuda"))
-    if args.chart:
+    if args.chart and "overhead_ms_ours_cold" in results:
         overhead_chart(results, args.chart, f"{results['mode']} on {results['gpu'] or results['cpu']}")
     if args.json:
         sys.stdout.write(json.dumps(results) + "\n")

@@ -1,8 +1,13 @@
-"""The six measurements, each a ratio of two paths timed alternately in one process (medians of ``runs``)."""
+"""The measurements, each a ratio of two paths timed alternately in one process (medians over rounds).
+
+Where two jobs run back to back, their order rotates from round to round and the ratio is ``order_balanced_ratio``:
+on a GPU the position of a job in a run of jobs changes its speed by several percent.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -65,6 +70,32 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+Round = tuple[tuple[str, ...], dict[str, float]]  # the order the arms ran in, and each arm's sample
+MIN_CYCLES = 3
+
+
+def rotated(arms: tuple[str, ...], run: int) -> tuple[str, ...]:
+    """The order of the arms in round ``run``: rotated by one each round, so that any ``len(arms)`` consecutive
+    rounds (a cycle) run every arm once in every position."""
+    shift = run % len(arms)
+    return arms[shift:] + arms[:shift]
+
+
+def balanced_rounds(runs: int, arms: int) -> int:
+    """Measured rounds of a figure whose ``arms`` rotate: whole cycles, at least ``MIN_CYCLES``, and ``runs`` or more."""
+    return arms * max(MIN_CYCLES, math.ceil(runs / arms))
+
+
+def order_balanced_ratio(rounds: list[Round], numerator: str, denominator: str, cycle: int) -> float:
+    """``numerator / denominator`` without the bias of a job's position in its round (a GPU under sustained load
+    heats and clocks down, so the second of two identical jobs runs slower): the measured rounds in consecutive
+    cycles of ``cycle`` rounds, the geometric mean of the per-round ratios within each cycle (a slowdown factor per
+    position cancels out of it), then the median over the cycles (one disturbed round moves one cycle only)."""
+    ratios = [sample[numerator] / sample[denominator] for _, sample in rounds]
+    cycles = [ratios[start:start + cycle] for start in range(0, len(ratios) - cycle + 1, cycle)]
+    return round(median([math.exp(statistics.fmean(map(math.log, values))) for values in cycles]), 4)
+
+
 # What the LoRA work adds to a job's latency (the worker's timings): waiting for downloads and for the loader
 # thread, fusing, restoring. Fetch and load themselves may run hidden behind prompt encoding (LORA_OVERLAP).
 LORA_PHASES = ("lora_wait", "lora_apply", "lora_restore")
@@ -77,8 +108,8 @@ def per_job_overhead(setup: Setup) -> dict[str, float]:
     restore phases, where wait covers downloads and whatever of the load the prompt encoding did not hide;
     reference: download, load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights), device synchronized. Generation itself costs the same on both paths (figure 2), and timing the LoRA work directly
     keeps the run-to-run noise of a whole job (PNG encoding of a noise image varies by hundreds of ms) out of it.
-    The whole-job medians are reported too (``job_ms_*``); figure 3 is the median of per-round ratios of the two
-    jobs without LoRAs, run back to back in alternating order. Tiers: ``cold`` (empty caches, HTTP), ``disk`` (on
+    The whole-job medians are reported too (``job_ms_*``); figure 3 compares the two jobs without LoRAs, run back
+    to back in alternating order (``order_balanced_ratio``). Tiers: ``cold`` (empty caches, HTTP), ``disk`` (on
     disk, not in RAM), ``ram`` (parsed in RAM, fused weights computed) and ``repeat`` (the same LoRA set as the
     previous job, whose fused weights the patcher kept).
     """
@@ -98,13 +129,13 @@ def per_job_overhead(setup: Setup) -> dict[str, float]:
             jobs["ours_ram"].append(elapsed)
         return sum(output["timings"].get(phase, 0.0) for phase in LORA_PHASES)
 
-    none_ratios: list[float] = []
-    for run in range(setup.runs + 1):
-        # Figure 3 pairs: the order alternates, so the job that follows the LoRA work is not always the same one.
-        first, second = ("ours_none", "plain_none") if run % 2 else ("plain_none", "ours_none")
-        jobs[first].append(timed(device, no_lora_jobs[first])[0])
-        jobs[second].append(timed(device, no_lora_jobs[second])[0])
-        none_ratios.append(jobs["ours_none"][-1] / jobs["plain_none"][-1])
+    none_rounds: list[Round] = []
+    for run in range(balanced_rounds(setup.runs, 2) + 1):
+        order = rotated(("plain_none", "ours_none"), run)
+        pair = {name: timed(device, no_lora_jobs[name])[0] for name in order}
+        for name, value in pair.items():
+            jobs[name].append(value)
+        none_rounds.append((order, pair))
         setup.fresh_caches()
         sample = {"ours_cold": ours("cold"),
                   "reference_cold": reference_job(pipe, shape, device, downloaded, SCALE,
@@ -117,7 +148,7 @@ def per_job_overhead(setup: Setup) -> dict[str, float]:
         sample["ours_ram"] = ours("ram")
         sample["ours_repeat"] = ours("repeat")
         if run == 0:
-            for values in (*jobs.values(), none_ratios):
+            for values in (*jobs.values(), none_rounds):
                 values.clear()  # warm-up
             continue
         for name, value in sample.items():
@@ -128,7 +159,7 @@ def per_job_overhead(setup: Setup) -> dict[str, float]:
     for tier, reference in (("cold", "cold"), ("disk", "disk"), ("ram", "disk"), ("repeat", "disk")):
         result[f"overhead_ratio_{tier}_vs_reference"] = ratio(result[f"overhead_ms_ours_{tier}"],
                                                               result[f"overhead_ms_reference_{reference}"])
-    result["no_lora_job_ratio"] = round(median(none_ratios), 4)  # median of the paired ratios
+    result["no_lora_job_ratio"] = order_balanced_ratio(none_rounds, "ours_none", "plain_none", 2)
     return result
 
 
@@ -154,28 +185,39 @@ def _step_ms(pipe, shape: JobShape, device: torch.device) -> float:
 
 
 def step_time(setup: Setup) -> dict[str, float]:
-    """Figure 2: denoising step time with LoRAs fused (ours) and unfused (reference) vs the base model."""
+    """Figure 2: denoising step time with LoRAs fused (ours) and unfused (reference) vs the base model.
+
+    Base and ours run back to back in alternating order (``order_balanced_ratio``); the unfused reference last.
+    """
     pipe, device, shape = setup.worker.pipes.base, setup.device, setup.shape
     requests, _ = parse_lora_requests([setup.url("rank32_unet"), setup.url("rank128_all")], 8)
     loaded = setup.worker.load_all(setup.worker.lora_cache.resolve_all(requests))
     loras = [(item.parsed, 1.0, item.resolved.display_name) for item in loaded]
-    base, ours, unfused = [], [], []
-    for run in range(setup.runs + 1):
-        sample_base = _step_ms(pipe, shape, device)
+    def ours() -> float:
         with setup.worker.patcher.applied(loras):
-            sample_ours = _step_ms(pipe, shape, device)
+            return _step_ms(pipe, shape, device)
+
+    def unfused() -> float:
         pipe.load_lora_weights(str(setup.files["rank32_unet"]), adapter_name="step")
         pipe.set_adapters(["step"], adapter_weights=[1.0])
-        sample_unfused = _step_ms(pipe, shape, device)
-        pipe.unload_lora_weights()
+        try:
+            return _step_ms(pipe, shape, device)
+        finally:
+            pipe.unload_lora_weights()
+
+    arms = {"base": lambda: _step_ms(pipe, shape, device), "ours": ours, "unfused": unfused}
+    rounds: list[Round] = []
+    for run in range(balanced_rounds(setup.runs, 2) + 1):
+        order = (*rotated(("base", "ours"), run), "unfused")
+        sample = {name: arms[name]() for name in order}
+        LOG.info("step run %d (ms, in this order): %s", run, {k: round(v, 2) for k, v in sample.items()})
         if run:
-            base.append(sample_base)
-            ours.append(sample_ours)
-            unfused.append(sample_unfused)
-    return {"step_ms_base": round(median(base), 3), "step_ms_ours_lora": round(median(ours), 3),
-            "step_ms_reference_unfused_lora": round(median(unfused), 3),
-            "step_time_ratio": ratio(median(ours), median(base)),
-            "step_time_ratio_reference_unfused": ratio(median(unfused), median(base))}
+            rounds.append((order, sample))
+    steps = {name: median([sample[name] for _, sample in rounds]) for name in arms}
+    return {"step_ms_base": round(steps["base"], 3), "step_ms_ours_lora": round(steps["ours"], 3),
+            "step_ms_reference_unfused_lora": round(steps["unfused"], 3),
+            "step_time_ratio": order_balanced_ratio(rounds, "ours", "base", 2),
+            "step_time_ratio_reference_unfused": ratio(steps["unfused"], steps["base"])}
 
 
 def disk_load(setup: Setup) -> dict[str, float]:
@@ -255,39 +297,41 @@ def overlap(setup: Setup) -> dict[str, float]:
     """Figure 7: job latency with a disk-cached LoRA over job latency without, with and without overlap.
 
     Latency is the job's wall time minus its PNG encoding (which varies with the image, not with the LoRA). Each
-    round runs a job without LoRAs, then the LoRA job overlapped and sequential, each with the LoRA on disk but not
-    in RAM and no kept fused weights. The images of both paths must be the same bytes, else the benchmark fails.
+    round runs a job without LoRAs and the LoRA job overlapped and sequential, in an order rotated each round
+    (``order_balanced_ratio``), each LoRA job with the LoRA on disk but not in RAM and no kept fused weights. The
+    images of both paths must be the same bytes, else the benchmark fails.
     """
     worker, device, shape = setup.worker, setup.device, setup.shape
     lora = [{"path": setup.url("rank32_unet"), "scale": SCALE}]
     our_job(worker, shape, lora)  # on disk from now on
-    latency: dict[str, list[float]] = {"none": [], "overlapped": [], "sequential": []}
+    rounds: list[Round] = []
     identical = True
 
-    def job(loras: list | None) -> tuple[float, list[str]]:
+    def job(loras: list | None, overlapped: bool = True) -> tuple[float, list[str]]:
         worker.ram_cache = LoraRamCache(RAM_BUDGET)
         worker.patcher.forget_fused()
+        worker.overlap_loras = overlapped
         elapsed, output = timed(device, lambda: our_job(worker, shape, loras))
         return elapsed - output["timings"]["encode"], output["images"]
 
+    arms = {"none": lambda: job(None), "overlapped": lambda: job(lora), "sequential": lambda: job(lora, False)}
     try:
-        for run in range(setup.runs + 1):
-            sample = {"none": job(None)[0]}
-            worker.overlap_loras = True
-            sample["overlapped"], overlapped_images = job(lora)
-            worker.overlap_loras = False
-            sample["sequential"], sequential_images = job(lora)
-            identical = identical and overlapped_images == sequential_images
+        for run in range(balanced_rounds(setup.runs, len(arms)) + 1):
+            order = rotated(tuple(arms), run)
+            sample, images = {}, {}
+            for name in order:
+                sample[name], images[name] = arms[name]()
+            identical = identical and images["overlapped"] == images["sequential"]
+            LOG.info("overlap run %d (ms, in this order): %s", run, {k: round(v, 1) for k, v in sample.items()})
             if run:
-                for name, value in sample.items():
-                    latency[name].append(value)
+                rounds.append((order, sample))
     finally:
         worker.overlap_loras = True
     if not identical:
         raise RuntimeError("overlapped and sequential LoRA jobs gave different images")
-    result = {f"overlap_job_ms_{name}": round(median(values), 2) for name, values in latency.items()}
-    result.update(overlap_job_ratio_disk=ratio(median(latency["overlapped"]), median(latency["none"])),
-                  sequential_job_ratio_disk=ratio(median(latency["sequential"]), median(latency["none"])),
+    result = {f"overlap_job_ms_{name}": round(median([sample[name] for _, sample in rounds]), 2) for name in arms}
+    result.update(overlap_job_ratio_disk=order_balanced_ratio(rounds, "overlapped", "none", len(arms)),
+                  sequential_job_ratio_disk=order_balanced_ratio(rounds, "sequential", "none", len(arms)),
                   overlap_bit_identical=identical)
     return result
 

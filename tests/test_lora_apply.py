@@ -11,9 +11,9 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.fusion import LoraPatcher
+from sdxl_worker.lora.fusion import LoraPatcher, fused_weight
 from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.parsing import LoraFactors, ParsedLora, load_lora
+from sdxl_worker.lora.parsing import LoraFactors, ParsedLora, _cast_factors, _fold_alphas, load_lora
 from tests.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                               write_peft_folder, write_sd15_shaped)
 from tests.weights import assert_bit_identical, snapshot
@@ -247,3 +247,36 @@ def test_another_set_is_fused_into_the_kept_tensors_with_the_bits_of_a_fresh_fus
             written = [weight.data.data_ptr() for weight in patcher._originals if id(weight) in kept]
             assert written and all(pointer in kept.values() for pointer in written)  # no new memory where it fit
         assert_bit_identical(pipe, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(320, 640), (64, 32, 3, 3)])
+def test_one_lora_fuses_in_the_weight_dtype_within_one_rounding_of_float32(dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*shape, generator=generator).to(dtype)
+    down = torch.randn(8, *shape[1:], generator=generator).to(dtype)
+    up = (torch.randn(shape[0], 8, *([1, 1] if len(shape) == 4 else []), generator=generator) * 1e-2).to(dtype)
+    rounded_once = torch.addmm(weight.reshape(shape[0], -1).float(), up.flatten(1).float(), down.flatten(1).float(),
+                               alpha=0.8).to(dtype).view(shape).float()
+    fused = fused_weight(weight, [(LoraFactors(down=down, up=up), 0.8)])
+    assert fused.dtype == dtype and fused.shape == weight.shape
+    # Only the float32 summation order may differ: at most one step (ulp) of the weight's dtype.
+    info = torch.finfo(dtype)
+    assert ((fused.float() - rounded_once).abs() <= rounded_once.abs() * info.eps + info.tiny).all()
+    assert (fused.float() != rounded_once).float().mean() < 0.01
+    buffer = torch.empty_like(weight)
+    assert fused_weight(weight, [(LoraFactors(down=down, up=up), 0.8)], out=buffer) is buffer
+    assert torch.equal(buffer, fused)
+
+
+def test_alpha_folding_scales_each_up_factor_once_even_when_keys_share_a_tensor():
+    down, up = torch.randn(4, 16), torch.randn(16, 4)
+    original_up = up.clone()
+    state = {"a.lora_down.weight": down, "a.lora_up.weight": up, "a.alpha": torch.tensor(2.0),
+             "b.lora_down.weight": down.clone(), "b.lora_up.weight": up, "b.alpha": torch.tensor(2.0)}
+    cast = _cast_factors(state, "cpu", torch.float32)
+    assert cast["a.lora_down.weight"] is down  # already on the device in the dtype: kept, not copied
+    folded = _fold_alphas(cast)
+    for module in ("a", "b"):
+        assert torch.equal(folded[f"{module}.lora_up.weight"], original_up * 0.5)
+    assert "a.alpha" not in folded
