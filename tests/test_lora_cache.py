@@ -100,6 +100,18 @@ def test_miss_then_hit_and_a_new_process_finds_the_entry_without_any_request(tmp
     assert fresh.stats()["hits"] == 1 and fresh.stats()["misses"] == 0
 
 
+def test_an_entry_whose_manifest_has_fields_from_a_newer_worker_is_still_a_hit(tmp_path, server):
+    server.route("/a.safetensors", body=LORA)
+    url = server.url("/a.safetensors")
+    first = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
+    manifest_path = first.path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "added_by_a_newer_worker": {"x": 1}}))
+    again = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
+    assert again.cache_hit and again.path == first.path and again.sha256 == first.sha256
+    assert server.count("/a.safetensors") == 1
+
+
 def test_a_flipped_byte_is_detected_by_a_new_process_and_refetched(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     url = server.url("/a.safetensors")

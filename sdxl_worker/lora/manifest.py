@@ -5,7 +5,8 @@ Fields: ``key``, ``source`` (a URL without credentials or secret query parameter
 folder), ``weights`` (relative path of the hashed file), ``sha256``, ``size`` and ``mtime_ns`` of that file,
 ``etag``, ``commit``, ``display_name``, ``downloaded_at`` and ``last_used_at`` (unix seconds), ``version``;
 for Civitai sources also ``trigger_words`` (the version's trained words) and ``base_model``. Fields added later have
-defaults, so older manifests still load.
+defaults, so older manifests still load; fields this version does not know (written by a newer worker sharing the
+volume, same ``version``) are ignored, so such an entry is still used instead of fetched again.
 Written to a temp name in the entry folder, fsynced, then renamed over ``manifest.json``.
 """
 
@@ -46,6 +47,9 @@ class Manifest:
     base_model: str | None = None
 
 
+_FIELDS = tuple(item.name for item in dataclasses.fields(Manifest))
+
+
 def _relative_inside(value: object) -> bool:
     return (isinstance(value, str) and bool(value) and not value.startswith("/")
             and ".." not in value.split("/") and "\\" not in value)
@@ -55,7 +59,7 @@ def read_manifest(entry: Path) -> Manifest | None:
     """The entry's manifest, or ``None`` when missing, unreadable, of another version or pointing outside."""
     try:
         data = json.loads((entry / MANIFEST_NAME).read_text(encoding="utf-8"))
-        manifest = Manifest(**data)
+        manifest = Manifest(**{name: data[name] for name in _FIELDS if name in data})
     except (OSError, ValueError, TypeError):
         return None
     if (manifest.version != VERSION or manifest.kind not in ("file", "peft")
