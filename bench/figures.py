@@ -82,7 +82,8 @@ def rotated(arms: tuple[str, ...], run: int) -> tuple[str, ...]:
 
 
 def balanced_rounds(runs: int, arms: int) -> int:
-    """Measured rounds of a figure whose ``arms`` rotate: whole cycles, at least ``MIN_CYCLES``, and ``runs`` or more."""
+    """Measured rounds of a figure whose ``arms`` rotate: whole cycles, at least ``MIN_CYCLES`` of them, and ``runs``
+    or more."""
     return arms * max(MIN_CYCLES, math.ceil(runs / arms))
 
 
@@ -106,8 +107,9 @@ def per_job_overhead(setup: Setup) -> dict[str, float]:
 
     Overhead is timed directly around the LoRA work on each job's critical path (ours: the worker's wait, apply and
     restore phases, where wait covers downloads and whatever of the load the prompt encoding did not hide;
-    reference: download, load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights), device synchronized. Generation itself costs the same on both paths (figure 2), and timing the LoRA work directly
-    keeps the run-to-run noise of a whole job (PNG encoding of a noise image varies by hundreds of ms) out of it.
+    reference: download, load_lora_weights, fuse_lora, unfuse_lora, unload_lora_weights), device synchronized.
+    Generation itself costs the same on both paths (figure 2), and timing the LoRA work directly keeps the
+    run-to-run noise of a whole job (PNG encoding of a noise image varies by hundreds of ms) out of it.
     The whole-job medians are reported too (``job_ms_*``); figure 3 compares the two jobs without LoRAs, run back
     to back in alternating order (``order_balanced_ratio``). Tiers: ``cold`` (empty caches, HTTP), ``disk`` (on
     disk, not in RAM), ``ram`` (parsed in RAM, fused weights computed) and ``repeat`` (the same LoRA set as the
@@ -193,6 +195,7 @@ def step_time(setup: Setup) -> dict[str, float]:
     requests, _ = parse_lora_requests([setup.url("rank32_unet"), setup.url("rank128_all")], 8)
     loaded = setup.worker.load_all(setup.worker.lora_cache.resolve_all(requests))
     loras = [(item.parsed, 1.0, item.resolved.display_name) for item in loaded]
+
     def ours() -> float:
         with setup.worker.patcher.applied(loras):
             return _step_ms(pipe, shape, device)

@@ -45,10 +45,11 @@ from sdxl_worker.generation import generate
 from sdxl_worker.input_image import load_init_image
 from sdxl_worker.lora.aliases import load_aliases, unknown_name_errors
 from sdxl_worker.lora.cache import LoraCache, ResolvedLora
+from sdxl_worker.lora.file_checks import PEFT_CONFIG
 from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
 from sdxl_worker.lora.memory_cache import LoraRamCache
 from sdxl_worker.lora.metadata import base_model_problem, job_trigger_words, metadata_of
-from sdxl_worker.lora.parsing import PEFT_CONFIG, TEXT_ENCODERS, ParsedLora, load_lora
+from sdxl_worker.lora.parsing import TEXT_ENCODERS, ParsedLora, load_lora
 from sdxl_worker.lora.pinning import parse_sources
 from sdxl_worker.lora.prompt_tags import with_trigger_words
 from sdxl_worker.lora.redact import public_source, scrub
