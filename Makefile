@@ -16,7 +16,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 model: setup
-	$(PY) -m sdxl_worker.tiny_model
+	$(PY) -m sdxl_worker.generation.tiny_model
 
 demo: model
 	LORA_CACHE_DIR=$(DEMO_CACHE) $(PY) -m tools.make_demo_loras

@@ -1,7 +1,7 @@
 """Build-time download of the base model, refiner and fp16-fix VAE into the image's Hugging Face cache.
 
 Run by the Dockerfile. Writes ``/models/baked-models.json`` (``--manifest``), which the worker reads at start to load
-exactly these models offline (``sdxl_worker.models``). Honours ``HF_TOKEN`` and ``HF_ENDPOINT``.
+exactly these models offline (``sdxl_worker.generation.models``). Honours ``HF_TOKEN`` and ``HF_ENDPOINT``.
 """
 
 from __future__ import annotations

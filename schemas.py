@@ -2,12 +2,12 @@
 
 Backward compatible with RunPod's own SDXL worker: every field it accepts is accepted here with the same
 default. The SDK checks unknown keys, required keys and types and fills in defaults; it skips a field's
-``constraints`` whenever the value has the type of the default, so ``sdxl_worker.validation`` runs every
+``constraints`` whenever the value has the type of the default, so ``sdxl_worker.request.validation`` runs every
 constraint itself. ``constraints`` never raise on a value of the wrong type, and ``describe`` says what the
 constraint accepts, for the error message.
 
 ``ACTION_SCHEMAS``: the cache actions (``{"input": {"action": "list_loras"}}`` and the others), one schema per action,
-checked with the same rigor (``sdxl_worker.cache_actions``). A generation job has no ``action``.
+checked with the same rigor (``sdxl_worker.store.actions``). A generation job has no ``action``.
 """
 
 from __future__ import annotations

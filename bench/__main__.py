@@ -26,8 +26,8 @@ from bench.lora_files import serve_folder, write_bench_loras
 from bench.paths import JobShape
 from bench.pipelines import build_pipelines
 from bench.report import markdown_table, overhead_chart, verdicts
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.memory_cache import LoraRamCache
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger("bench")

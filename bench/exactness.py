@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bench.pipelines import build_pipelines
-from sdxl_worker.lora.fusion import LoraPatcher
-from sdxl_worker.lora.parsing import load_lora
+from sdxl_worker.weights.patcher import LoraPatcher
+from sdxl_worker.weights.load import load_lora
 from tools.synthetic_lora import write_kohya_lora
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import requests
 import torch
 
-from sdxl_worker.generation import make_scheduler
-from sdxl_worker.output import png_bytes
+from sdxl_worker.generation.generate import make_scheduler
+from sdxl_worker.output.encode import png_bytes
 from sdxl_worker.worker import Worker
 
 SCHEDULER = "K_EULER"

@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdxl_worker.models import ModelChoice, Pipelines
-from sdxl_worker.tiny_model import ASSETS_DIR, ensure_tiny_model
+from sdxl_worker.generation.models import ModelChoice, Pipelines
+from sdxl_worker.generation.tiny_model import ASSETS_DIR, ensure_tiny_model
 
 LOG = logging.getLogger(__name__)
 FULL_ARCH_DIR = Path(__file__).resolve().parent / "sdxl-arch"

@@ -17,7 +17,7 @@ Timings: ``lora_fetch`` and ``lora_load`` are the LoRA work wherever it ran; ``l
 ``generate`` when overlapped).
 
 LoRAs named by prompt tags arrive with the ``loras`` list from validation (``JobParams.prompt`` has the tags
-removed). Before any LoRA's tensors are read, its header metadata is checked (``lora.metadata``: a LoRA trained for
+removed). Before any LoRA's tensors are read, its header metadata is checked (``weights.metadata``: a LoRA trained for
 another base model is refused). With ``append_trigger_words`` the LoRAs are resolved before the pipeline starts,
 since their trigger words change the prompt. An input with ``action`` is a cache action (``cache_actions``).
 """
@@ -38,27 +38,27 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from sdxl_worker.cache_actions import CacheActions, is_action
+from sdxl_worker.store.actions import CacheActions, is_action
 from sdxl_worker.errors import JobError, LoraError
-from sdxl_worker.first_call import before_first_call
-from sdxl_worker.generation import generate
-from sdxl_worker.input_image import load_init_image
-from sdxl_worker.lora.aliases import load_aliases, unknown_name_errors
-from sdxl_worker.lora.cache import LoraCache, ResolvedLora
-from sdxl_worker.lora.file_checks import PEFT_CONFIG
-from sdxl_worker.lora.fusion import ApplyReport, LoraPatcher
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.metadata import base_model_problem, job_trigger_words, metadata_of
-from sdxl_worker.lora.parsing import TEXT_ENCODERS, ParsedLora, load_lora
-from sdxl_worker.lora.pinning import parse_sources
-from sdxl_worker.lora.prompt_tags import with_trigger_words
-from sdxl_worker.lora.redact import public_source, scrub
-from sdxl_worker.lora.requests import Aliases, LoraRequest
-from sdxl_worker.lora.settings import source_list
-from sdxl_worker.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
-from sdxl_worker.output import encode_images, upload_enabled
-from sdxl_worker.progress import JobProgress
-from sdxl_worker.validation import JobParams, raise_if_any, validate_job_input
+from sdxl_worker.generation.first_call import before_first_call
+from sdxl_worker.generation.generate import generate
+from sdxl_worker.sources.image_url import load_init_image
+from sdxl_worker.request.aliases import load_aliases, unknown_name_errors
+from sdxl_worker.store.cache import LoraCache, ResolvedLora
+from sdxl_worker.store.file_checks import PEFT_CONFIG
+from sdxl_worker.weights.patcher import ApplyReport, LoraPatcher
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.weights.metadata import base_model_problem, job_trigger_words, metadata_of
+from sdxl_worker.weights.load import TEXT_ENCODERS, ParsedLora, load_lora
+from sdxl_worker.store.pinning import parse_sources
+from sdxl_worker.request.prompt_tags import with_trigger_words
+from sdxl_worker.net.redact import public_source, scrub
+from sdxl_worker.request.entries import Aliases, LoraRequest
+from sdxl_worker.settings import source_list
+from sdxl_worker.generation.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
+from sdxl_worker.output.encode import encode_images, upload_enabled
+from sdxl_worker.generation.progress import JobProgress
+from sdxl_worker.request.validation import JobParams, raise_if_any, validate_job_input
 
 LOG = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdxl_worker.lora.file_checks import sha256_file
-from sdxl_worker.lora.housekeeping import KEY_PATTERN
-from sdxl_worker.lora.manifest import MANIFEST_NAME, read_manifest
-from sdxl_worker.lora.owners import owner_alive, read_record
+from sdxl_worker.store.file_checks import sha256_file
+from sdxl_worker.store.housekeeping import KEY_PATTERN
+from sdxl_worker.store.manifest import MANIFEST_NAME, read_manifest
+from sdxl_worker.store.owners import owner_alive, read_record
 
 
 def _entry_problems(entry: Path) -> list[str]:

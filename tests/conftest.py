@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_worker.tiny_model import ensure_tiny_model
+from sdxl_worker.generation.tiny_model import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,8 @@ def make_worker(worker_handler):
     """``make_worker(settings)``: the ``run`` of a new in-process ``Worker`` on the session worker's pipelines with its
     own LoRA disk cache (``CacheSettings``) and RAM cache, to hand to ``run_through_sdk``."""
     from handler import get_worker
-    from sdxl_worker.lora.cache import LoraCache
-    from sdxl_worker.lora.memory_cache import LoraRamCache
+    from sdxl_worker.store.cache import LoraCache
+    from sdxl_worker.weights.ram_cache import LoraRamCache
     from sdxl_worker.worker import Worker
 
     def make(settings):

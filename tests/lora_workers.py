@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.requests import Aliases
-from sdxl_worker.lora.settings import GIB, CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.request.entries import Aliases
+from sdxl_worker.settings import GIB, CacheSettings
 from sdxl_worker.worker import Worker
 from tests.worker_env import run_through_sdk
 

@@ -15,8 +15,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from sdxl_worker.lora.aliases import load_aliases
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.request.aliases import load_aliases
+from sdxl_worker.request.entries import LoraRequest
 from tests.lora_forms import canonical_factors, write_kohya
 from tests.lora_workers import output_of, pipes, worker_with  # noqa: F401 - pipes is a fixture
 from tests.servers.fault_http import FaultServer
@@ -28,8 +28,8 @@ SD15_META = {"ss_base_model_version": "sd_v1", "ss_output_name": "old-style"}
 LEASE_HOLDER = """
 import sys, time
 from pathlib import Path
-from sdxl_worker.lora.leases import Leases
-from sdxl_worker.lora.owners import Heartbeat
+from sdxl_worker.store.leases import Leases
+from sdxl_worker.store.owners import Heartbeat
 Leases(Path(sys.argv[1]), Heartbeat(1.0), 900).take(sys.argv[2])
 print("leased", flush=True)
 time.sleep(120)

@@ -11,9 +11,9 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.fusion import LoraPatcher, fused_weight
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.parsing import LoraFactors, ParsedLora, _cast_factors, _fold_alphas, load_lora
+from sdxl_worker.weights.patcher import LoraPatcher, fused_weight
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.weights.load import LoraFactors, ParsedLora, _cast_factors, _fold_alphas, load_lora
 from tests.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                               write_peft_folder, write_sd15_shaped)
 from tests.weights import assert_bit_identical, snapshot

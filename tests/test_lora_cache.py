@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.cache import LoraCache, ResolvedLora
-from sdxl_worker.lora.file_checks import check_weights_file
-from sdxl_worker.lora.locking import EntryLock, LockTimeout
-from sdxl_worker.lora.owners import Heartbeat
-from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests
-from sdxl_worker.lora.settings import GIB, CacheSettings
+from sdxl_worker.store.cache import LoraCache, ResolvedLora
+from sdxl_worker.store.file_checks import check_weights_file
+from sdxl_worker.store.locking import EntryLock, LockTimeout
+from sdxl_worker.store.owners import Heartbeat
+from sdxl_worker.request.entries import LoraRequest, parse_lora_requests
+from sdxl_worker.settings import GIB, CacheSettings
 from tests.servers.fault_http import FaultServer
 from tests.servers.lora_files import (
     lora_bytes,

@@ -9,12 +9,12 @@ import time
 import pytest
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.http_download import (
+from sdxl_worker.net.download import (
     auth_header,
     disposition_filename,
     download_url,
 )
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.settings import CacheSettings
 from tests.servers.fault_http import FaultServer
 
 BODY = bytes(range(256)) * 4096 * 3  # 3 MiB

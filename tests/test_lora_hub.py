@@ -11,10 +11,10 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.hub_download import choose_files
-from sdxl_worker.lora.requests import LoraRequest
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.sources.hub import choose_files
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.settings import CacheSettings
 from tests.servers.fake_hub import FakeHub
 from tests.servers.lora_files import lora_bytes, torch_lora_bytes
 

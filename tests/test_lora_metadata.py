@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sdxl_worker.lora.metadata import (
+from sdxl_worker.weights.metadata import (
     LoraMetadata,
     base_model_problem,
     lora_metadata,

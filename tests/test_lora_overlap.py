@@ -20,9 +20,9 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.settings import CacheSettings
 from sdxl_worker.worker import Worker
 from tests.lora_forms import canonical_factors, write_kohya, write_sd15_shaped
 from tests.servers.fault_http import FaultServer

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.parsing import load_lora
-from sdxl_worker.lora.requests import LoraRequest
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.weights.load import load_lora
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.settings import CacheSettings
 from tests.servers.fake_civitai import FakeCivitai
 from tests.servers.fault_http import FaultServer
 from tests.servers.lora_files import lora_bytes, write_lora

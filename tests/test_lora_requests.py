@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdxl_worker.lora.requests import LoraRequest, parse_lora_requests, source_kind
+from sdxl_worker.request.entries import LoraRequest, parse_lora_requests, source_kind
 
 SHA = "AB" * 32
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from sdxl_worker.models import choose_models, load_pipelines, pick_device_and_dtype
-from sdxl_worker.tiny_model import ensure_tiny_model
+from sdxl_worker.generation.models import choose_models, load_pipelines, pick_device_and_dtype
+from sdxl_worker.generation.tiny_model import ensure_tiny_model
 
 
 def test_tiny_selects_the_embedded_model_offline(tiny_model_dir):

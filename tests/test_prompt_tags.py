@@ -8,9 +8,9 @@ import json
 import pytest
 
 from sdxl_worker.errors import InputError
-from sdxl_worker.lora.aliases import load_aliases, shown_aliases
-from sdxl_worker.lora.prompt_tags import extract_lora_tags, with_trigger_words
-from sdxl_worker.validation import JobParams, validate_job_input
+from sdxl_worker.request.aliases import load_aliases, shown_aliases
+from sdxl_worker.request.prompt_tags import extract_lora_tags, with_trigger_words
+from sdxl_worker.request.validation import JobParams, validate_job_input
 
 ALIASES = {
     "pixel": {"path": "nerijs/pixel-art-xl", "weight_name": "pixel-art-xl.safetensors", "scale": 0.8},

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_worker.lora.aliases import load_aliases
+from sdxl_worker.request.aliases import load_aliases
 from tests.lora_forms import canonical_factors, write_kohya
 from tests.lora_workers import pipes, worker_with  # noqa: F401 - pipes is a fixture
 from tests.servers.fake_hub import FakeHub

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.request.entries import LoraRequest
 from tests.cache_audit import cache_problems, entry_keys
 from tests.servers.fault_http import FaultServer
 from tests.worker_env import fast_cache_settings, images_of, run_through_sdk, small_job

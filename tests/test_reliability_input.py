@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from schemas import INPUT_SCHEMA, MAX_PROMPT_CHARS, SCHEDULERS
 from sdxl_worker.errors import InputError
-from sdxl_worker.validation import validate_job_input
+from sdxl_worker.request.validation import validate_job_input
 from tests.worker_env import fast_cache_settings, images_of, run_through_sdk, small_job
 
 PLACED_LORA = "placed-style.safetensors"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.request.entries import LoraRequest
 from tests.cache_audit import cache_problems, entry_keys
 from tests.servers.fault_http import FaultServer
 from tests.servers.progress_sink import ProgressSink

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.request.entries import LoraRequest
 from tests.cache_audit import cache_problems, entry_keys
 from tests.servers.fake_hub import FakeHub
 from tests.servers.fault_http import FaultServer

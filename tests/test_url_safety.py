@@ -10,9 +10,9 @@ import pytest
 import requests
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.http_download import download_url
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.lora.url_safety import (
+from sdxl_worker.net.download import download_url
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.net.url_safety import (
     RefusedAddress,
     check_url,
     guarded_session,

@@ -8,7 +8,7 @@ import pytest
 
 from schemas import INPUT_SCHEMA, SCHEDULERS
 from sdxl_worker.errors import InputError
-from sdxl_worker.validation import JobParams, validate_job_input
+from sdxl_worker.request.validation import JobParams, validate_job_input
 
 
 def validated(**fields) -> JobParams:

@@ -11,10 +11,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.requests import parse_lora_requests
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.request.entries import parse_lora_requests
+from sdxl_worker.settings import CacheSettings
 from sdxl_worker.worker import Worker
 from tests.lora_forms import canonical_factors, write_kohya
 from tests.servers.fake_civitai import FakeCivitai

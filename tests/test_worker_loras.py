@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.memory_cache import LoraRamCache
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.ram_cache import LoraRamCache
+from sdxl_worker.settings import CacheSettings
 from sdxl_worker.worker import Worker
 from tests.cache_audit import cache_problems
 from tests.lora_forms import canonical_factors, write_kohya, write_peft_folder, write_sd15_shaped

@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-import sdxl_worker.lora.parsing as parsing
-from sdxl_worker.lora.aliases import load_aliases
+import sdxl_worker.weights.load as parsing
+from sdxl_worker.request.aliases import load_aliases
 from tests.lora_forms import canonical_factors, write_kohya
 from tests.lora_workers import error_of, output_of, pipes, worker_with  # noqa: F401 - pipes is a fixture
 from tests.servers.fault_http import FaultServer

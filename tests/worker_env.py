@@ -19,7 +19,7 @@ import requests
 from PIL import Image
 from runpod.serverless.modules.rp_job import run_job
 
-from sdxl_worker.lora.settings import CacheSettings
+from sdxl_worker.settings import CacheSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_URI_PREFIX = "data:image/png;base64,"

@@ -13,8 +13,8 @@ import logging
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.tiny_model import ensure_tiny_model
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.generation.tiny_model import ensure_tiny_model
 from tools.synthetic_lora import write_kohya_lora
 
 LOG = logging.getLogger("make_demo_loras")

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.housekeeping import scan_entries
-from sdxl_worker.lora.requests import LoraRequest
-from sdxl_worker.lora.settings import CacheSettings, source_list
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.store.housekeeping import scan_entries
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.settings import CacheSettings, source_list
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_worker.lora.cache import LoraCache
-from sdxl_worker.lora.requests import LoraRequest
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.request.entries import LoraRequest
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.parsing import COMPONENTS, LoraFactors, ParsedLora
+from sdxl_worker.weights.load import COMPONENTS, LoraFactors, ParsedLora
 
 LOG = logging.getLogger(__name__)
 _SHOWN_PROBLEMS = 3

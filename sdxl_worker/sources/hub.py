@@ -38,14 +38,14 @@ from huggingface_hub.errors import (
 )
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.file_checks import (
+from sdxl_worker.store.file_checks import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     WEIGHT_EXTENSIONS,
     sha256_file,
 )
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.lora.transfer_progress import format_size
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.net.transfer_progress import format_size
 
 LOG = logging.getLogger(__name__)
 ByteProgress = Callable[[int, int | None], None]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.transfer_progress import format_size
+from sdxl_worker.net.transfer_progress import format_size
 
 LOG = logging.getLogger(__name__)
 FreeBytes = Callable[[], int]

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdxl_worker.lora.file_checks import MAX_HEADER_BYTES, PEFT_CONFIG, find_peft_weights
+from sdxl_worker.store.file_checks import MAX_HEADER_BYTES, PEFT_CONFIG, find_peft_weights
 
 if TYPE_CHECKING:
-    from sdxl_worker.lora.cache import ResolvedLora
+    from sdxl_worker.store.cache import ResolvedLora
 
 LOG = logging.getLogger(__name__)
 SDXL = "SDXL"

@@ -25,7 +25,7 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert
 from safetensors.torch import load_file
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.file_checks import PEFT_CONFIG, find_peft_weights
+from sdxl_worker.store.file_checks import PEFT_CONFIG, find_peft_weights
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_ENCODERS)

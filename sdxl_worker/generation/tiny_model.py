@@ -1,6 +1,6 @@
 """Writes the embedded tiny SDXL: a real diffusers-format folder with random weights from a fixed seed.
 
-The architecture and tokenizers come from ``sdxl_worker/assets/tiny-sdxl`` (copied from the shared configs);
+The architecture and tokenizers come from ``sdxl_worker/generation/assets/tiny-sdxl`` (copied from the shared configs);
 only the weights are generated here. The result loads through ``StableDiffusionXLPipeline.from_pretrained``
 exactly like a real SDXL checkpoint, so the tests exercise the production code path.
 """
@@ -18,7 +18,7 @@ import torch
 LOG = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sdxl"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TINY_DIR = PROJECT_ROOT / "models" / "tiny-sdxl"
 WEIGHT_SEED = 20261122
 STAMP_FILE = ".tiny-sdxl-stamp"

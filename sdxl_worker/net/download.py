@@ -35,12 +35,12 @@ import requests
 from urllib3.exceptions import ReadTimeoutError
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.chunk_writer import ChunkWriter
-from sdxl_worker.lora.civitai_source import is_civitai_host
-from sdxl_worker.lora.redact import QueryRedactingFilter, public_url, redact_url
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.lora.transfer_progress import format_size
-from sdxl_worker.lora.url_safety import check_url, guarded_session
+from sdxl_worker.net.chunk_writer import ChunkWriter
+from sdxl_worker.request.civitai_refs import is_civitai_host
+from sdxl_worker.net.redact import QueryRedactingFilter, public_url, redact_url
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.net.transfer_progress import format_size
+from sdxl_worker.net.url_safety import check_url, guarded_session
 
 LOG = logging.getLogger(__name__)
 logging.getLogger("urllib3.connectionpool").addFilter(QueryRedactingFilter())

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.owners import Heartbeat, owner_alive, owner_record, read_record
+from sdxl_worker.store.owners import Heartbeat, owner_alive, owner_record, read_record
 
 LOG = logging.getLogger(__name__)
 FileIdentity = tuple[int, int, int]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdxl_worker.tiny_model import ensure_tiny_model
+from sdxl_worker.generation.tiny_model import ensure_tiny_model
 
 LOG = logging.getLogger(__name__)
 

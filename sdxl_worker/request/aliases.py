@@ -23,8 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sdxl_worker.lora.redact import public_source
-from sdxl_worker.lora.requests import LoraRequest, parse_entry
+from sdxl_worker.net.redact import public_source
+from sdxl_worker.request.entries import LoraRequest, parse_entry
 
 VARIABLE = "LORA_ALIASES"
 MAX_ALIAS_CHARS = 100

@@ -24,8 +24,8 @@ from diffusers import (
 )
 from PIL import Image
 
-from sdxl_worker.models import Pipelines
-from sdxl_worker.validation import JobParams
+from sdxl_worker.generation.models import Pipelines
+from sdxl_worker.request.validation import JobParams
 
 StepCallback = Callable[[int, int], None]
 

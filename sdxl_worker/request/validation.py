@@ -1,6 +1,6 @@
 """Step 1 of a job: turn the raw ``input`` into typed parameters, or one error naming every bad field.
 
-LoRAs come from the ``loras`` list and from ``<lora:NAME:WEIGHT>`` tags in ``prompt`` (``lora.prompt_tags``), both
+LoRAs come from the ``loras`` list and from ``<lora:NAME:WEIGHT>`` tags in ``prompt`` (``request.prompt_tags``), both
 resolved through ``LORA_ALIASES``; ``JobParams.prompt`` is the prompt the model sees, tags removed.
 """
 
@@ -14,8 +14,8 @@ from runpod.serverless.utils.rp_validator import validate
 
 from schemas import INPUT_SCHEMA
 from sdxl_worker.errors import InputError
-from sdxl_worker.lora.prompt_tags import extract_lora_tags, merge_tag_requests, negative_prompt_errors
-from sdxl_worker.lora.requests import Aliases, LoraRequest, parse_lora_requests
+from sdxl_worker.request.prompt_tags import extract_lora_tags, merge_tag_requests, negative_prompt_errors
+from sdxl_worker.request.entries import Aliases, LoraRequest, parse_lora_requests
 
 _SDK_RULE_KEYS = ("type", "required", "default")
 _MAX_SHOWN_VALUE = 60

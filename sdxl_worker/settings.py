@@ -20,7 +20,7 @@ Environment variables (default):
   (1024). Below it, least recently used entries are evicted first; if that is not enough the download is refused.
   ``0`` turns the floor off.
 - ``PINNED_LORAS``: comma-separated LoRA sources (the forms of a ``loras`` entry) whose entries are never evicted,
-  from disk or RAM; they are fetched and parsed at start. Checked when the cache opens (``lora.pinning``).
+  from disk or RAM; they are fetched and parsed at start. Checked when the cache opens (``store.pinning``).
 - ``CIVITAI_TOKEN``: sent as ``Authorization: Bearer`` to Civitai hosts and the ``CIVITAI_API_BASE`` host only
   (unset).
 - ``CIVITAI_API_BASE``: the Civitai site whose ``/api/v1/model-versions/<id>`` resolves Civitai sources
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sdxl_worker.lora.civitai_source import CIVITAI_DOMAINS
+from sdxl_worker.request.civitai_refs import CIVITAI_DOMAINS
 
 GIB = 1024**3
 MIB = 1024**2

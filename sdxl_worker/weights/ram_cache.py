@@ -16,7 +16,7 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Iterable
 
-from sdxl_worker.lora.parsing import ParsedLora
+from sdxl_worker.weights.load import ParsedLora
 
 LOG = logging.getLogger(__name__)
 GIB = 1024**3

@@ -14,7 +14,7 @@ import secrets
 import time
 from pathlib import Path
 
-from sdxl_worker.lora.owners import Heartbeat, owner_alive, owner_record, read_record
+from sdxl_worker.store.owners import Heartbeat, owner_alive, owner_record, read_record
 
 LOG = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Any
 import requests
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.http_download import Retryable, check_status, open_url, with_retries
-from sdxl_worker.lora.redact import redact_url
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.lora.transfer_progress import format_size
-from sdxl_worker.lora.url_safety import guarded_session
+from sdxl_worker.net.download import Retryable, check_status, open_url, with_retries
+from sdxl_worker.net.redact import redact_url
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.net.transfer_progress import format_size
+from sdxl_worker.net.url_safety import guarded_session
 
 SDXL_BASE_MODELS = ("SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo", "SDXL Lightning",
                     "SDXL Hyper", "Pony", "Illustrious", "NoobAI")

@@ -1,5 +1,5 @@
 """The LoRA disk cache: a ``LoraRequest`` -> a verified local file or PEFT folder, fetched at most once across the
-processes and machines that share the cache folder (settings and variables: ``lora.settings``).
+processes and machines that share the cache folder (settings and variables: ``settings``).
 
 Layout of ``LORA_CACHE_DIR``::
 
@@ -52,11 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.lora.civitai_api import fetch_version_file
-from sdxl_worker.lora.civitai_source import civitai_ref
-from sdxl_worker.lora.disk_errors import describe_disk_error
-from sdxl_worker.lora.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
-from sdxl_worker.lora.file_checks import (
+from sdxl_worker.sources.civitai import fetch_version_file
+from sdxl_worker.request.civitai_refs import civitai_ref
+from sdxl_worker.store.disk_errors import describe_disk_error
+from sdxl_worker.store.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
+from sdxl_worker.store.file_checks import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     WEIGHT_EXTENSIONS,
@@ -66,30 +66,30 @@ from sdxl_worker.lora.file_checks import (
     peft_weights,
     sha256_file,
 )
-from sdxl_worker.lora.housekeeping import (
+from sdxl_worker.store.housekeeping import (
     KEY_PATTERN,
     Evictor,
     clean_leftovers,
     scan_entries,
     trash,
 )
-from sdxl_worker.lora.http_download import ByteProgress, download_url, url_filename
-from sdxl_worker.lora.hub_download import fetch_from_hub
-from sdxl_worker.lora.leases import Leases
-from sdxl_worker.lora.locking import EntryLock, describe_owner
-from sdxl_worker.lora.manifest import (
+from sdxl_worker.net.download import ByteProgress, download_url, url_filename
+from sdxl_worker.sources.hub import fetch_from_hub
+from sdxl_worker.store.leases import Leases
+from sdxl_worker.store.locking import EntryLock, describe_owner
+from sdxl_worker.store.manifest import (
     Manifest,
     fsync_path,
     read_manifest,
     write_manifest,
 )
-from sdxl_worker.lora.owners import Heartbeat, owner_record
-from sdxl_worker.lora.pinning import parse_sources, pinned_entry_keys
-from sdxl_worker.lora.redact import public_url, scrub
-from sdxl_worker.lora.requests import CACHE_DEFAULT_EXTENSION, LoraRequest
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.lora.transfer_progress import TransferProgress, format_size
-from sdxl_worker.lora.url_safety import resolve_in_cache
+from sdxl_worker.store.owners import Heartbeat, owner_record
+from sdxl_worker.store.pinning import parse_sources, pinned_entry_keys
+from sdxl_worker.net.redact import public_url, scrub
+from sdxl_worker.request.entries import CACHE_DEFAULT_EXTENSION, LoraRequest
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.net.transfer_progress import TransferProgress, format_size
+from sdxl_worker.net.url_safety import resolve_in_cache
 
 __all__ = ["CacheSettings", "LoraCache", "ResolvedLora"]
 

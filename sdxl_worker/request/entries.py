@@ -17,7 +17,7 @@ How a source string is read (surrounding whitespace ignored):
 name and revision) twice in one job is an error; for cache names, ``x`` and ``x.safetensors`` count as the same
 (the cache tries ``x.safetensors`` when ``x`` is absent).
 
-A name listed in ``LORA_ALIASES`` (``lora.aliases``), given as a string or as ``path``, stands for the alias's
+A name listed in ``LORA_ALIASES`` (``request.aliases``), given as a string or as ``path``, stands for the alias's
 entry: its source and options, with the job entry's own keys taking precedence (see ``expand_alias``).
 """
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sdxl_worker.lora.civitai_source import civitai_ref
-from sdxl_worker.lora.redact import public_url, redact_url
-from sdxl_worker.lora.url_safety import cache_name_problem
+from sdxl_worker.request.civitai_refs import civitai_ref
+from sdxl_worker.net.redact import public_url, redact_url
+from sdxl_worker.net.url_safety import cache_name_problem
 
 MAX_SCALE = 10.0
 MAX_SOURCE_CHARS = 2048

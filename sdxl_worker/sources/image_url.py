@@ -1,7 +1,7 @@
 """The img2img source of a job (``image_url``): a ``data:image/...;base64,`` URI or an http(s) URL.
 
 URLs are untrusted like LoRA URLs: the same scheme and address rules, size limit, timeouts and streaming as LoRA
-downloads (``sdxl_worker.lora.http_download``). Any problem is an ``InputError`` naming ``image_url``.
+downloads (``sdxl_worker.net.download``). Any problem is an ``InputError`` naming ``image_url``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sdxl_worker.errors import InputError, LoraError
-from sdxl_worker.lora.settings import CacheSettings
-from sdxl_worker.lora.http_download import download_url
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.net.download import download_url
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(?P<payload>.*)$", re.DOTALL)
