@@ -10,6 +10,7 @@ The job's path is in ``sdxl_worker.worker``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from typing import Any
 
 import runpod
 
+from sdxl_worker.settings import WorkerSettings
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger("handler")
@@ -25,12 +27,18 @@ _worker: Worker | None = None
 _worker_lock = threading.Lock()
 
 
+@functools.cache
+def get_settings() -> WorkerSettings:
+    """The process's settings, read from the environment once (a malformed variable stops the worker)."""
+    return WorkerSettings.from_env(os.environ)
+
+
 def get_worker() -> Worker:
     """The process's worker, created (models loaded) on first use."""
     global _worker
     with _worker_lock:
         if _worker is None:
-            _worker = Worker.from_env()
+            _worker = Worker.start(get_settings())
         return _worker
 
 
@@ -41,13 +49,13 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 def concurrency_modifier(current_concurrency: int) -> int:
     """Jobs taken at once (``MAX_CONCURRENCY``, default 1); generation itself is serialized."""
-    return max(1, int(os.environ.get("MAX_CONCURRENCY", "1")))
+    return get_settings().runtime.max_concurrency
 
 
 def configure_logging() -> None:
     """Plain log lines at ``LOG_LEVEL`` (default INFO)."""
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=get_settings().runtime.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

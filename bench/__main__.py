@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 
-from bench.figures import (Setup, cache_settings, cleanup, disk_load, download, memory, overlap, per_job_overhead,
-                            step_time)
+from bench.figures import (Setup, cleanup, disk_load, download, memory, overlap, per_job_overhead, step_time,
+                           worker_settings)
 from bench.lora_files import serve_folder, write_bench_loras
 from bench.paths import JobShape
 from bench.pipelines import build_pipelines
 from bench.report import markdown_table, overhead_chart, verdicts
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger("bench")
@@ -67,7 +65,7 @@ def main() -> int:
     try:
         pipes = build_pipelines(full, device, dtype)
         files = write_bench_loras(pipes.base, workdir / "served", full, cycle_count=20)
-        worker = Worker(pipes, LoraCache(cache_settings(workdir / "cache")), LoraRamCache(4 * 1024**3))
+        worker = Worker(pipes, worker_settings(workdir / "cache"))
         with serve_folder(workdir / "served") as base_url:
             memory_shape = JobShape(memory_size, memory_size, steps=1 if args.quick else 2)  # flat or not at any count
             setup = Setup(worker, shape, memory_shape, files, base_url, workdir,

@@ -26,7 +26,7 @@ from sdxl_worker.net.download import download_url
 from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.load import load_lora
 from sdxl_worker.request.entries import parse_lora_requests
-from sdxl_worker.settings import CacheSettings
+from sdxl_worker.settings import WorkerSettings
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger(__name__)
@@ -57,13 +57,15 @@ class Setup:
     def fresh_caches(self) -> None:
         """A new, empty disk cache folder and RAM cache for the worker: the next LoRA is cold."""
         folder = Path(tempfile.mkdtemp(prefix="cache-", dir=self.workdir))
-        self.worker.lora_cache = LoraCache(cache_settings(folder))
+        self.worker.lora_cache = LoraCache(worker_settings(folder).cache)
         self.worker.ram_cache = LoraRamCache(RAM_BUDGET)
         self.worker.patcher.forget_fused()
 
 
-def cache_settings(folder: Path) -> CacheSettings:
-    return CacheSettings.from_env({"LORA_CACHE_DIR": str(folder), "LORA_ALLOW_PRIVATE_HOSTS": "1"})
+def worker_settings(folder: Path) -> WorkerSettings:
+    """The bench worker's settings: its LoRA cache in ``folder``, the local file server allowed, other defaults."""
+    return WorkerSettings.from_env({"LORA_CACHE_DIR": str(folder), "LORA_ALLOW_PRIVATE_HOSTS": "1",
+                                    "LORA_RAM_CACHE_GB": str(RAM_BUDGET / 1024**3)})
 
 
 def median(values: list[float]) -> float:
@@ -250,7 +252,7 @@ def download(setup: Setup) -> dict[str, float]:
     against the plain copy that also hashes every chunk with sha256 and fsyncs (all the work a verified cache entry
     needs, done inline): on a machine whose cores the local server shares, hashing competes with the transfer.
     """
-    settings = cache_settings(setup.workdir)
+    settings = worker_settings(setup.workdir).cache
     url, size = setup.url("download_payload"), setup.files["download_payload"].stat().st_size
     copies = {"ours": lambda target: download_url(url, target, settings),
               "plain": lambda target: plain_download(url, target),

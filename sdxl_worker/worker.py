@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import os
 import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,8 +42,9 @@ from sdxl_worker.errors import JobError, LoraError
 from sdxl_worker.generation.first_call import before_first_call
 from sdxl_worker.generation.generate import generate
 from sdxl_worker.sources.image_url import load_init_image
-from sdxl_worker.request.aliases import load_aliases, unknown_name_errors
+from sdxl_worker.request.aliases import unknown_name_errors
 from sdxl_worker.store.cache import LoraCache, ResolvedLora
+from sdxl_worker.store.disk_space import FreeBytes
 from sdxl_worker.store.file_checks import PEFT_CONFIG
 from sdxl_worker.weights.patcher import ApplyReport, LoraPatcher
 from sdxl_worker.weights.ram_cache import LoraRamCache
@@ -53,8 +53,8 @@ from sdxl_worker.weights.load import TEXT_ENCODERS, ParsedLora, load_lora
 from sdxl_worker.store.pinning import parse_sources
 from sdxl_worker.request.prompt_tags import with_trigger_words
 from sdxl_worker.net.redact import public_source, scrub
-from sdxl_worker.request.entries import Aliases, LoraRequest
-from sdxl_worker.settings import source_list
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.settings import WorkerSettings
 from sdxl_worker.generation.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.output.encode import encode_images, upload_enabled
 from sdxl_worker.generation.progress import JobProgress
@@ -81,28 +81,27 @@ class PhaseTimer:
 class Worker:
     """Serves jobs on pipelines loaded once; see the module docstring for the order of the steps."""
 
-    def __init__(self, pipes: Pipelines, lora_cache: LoraCache, ram_cache: LoraRamCache,
-                 aliases: Aliases | None = None) -> None:
+    def __init__(self, pipes: Pipelines, settings: WorkerSettings, free_bytes: FreeBytes | None = None) -> None:
+        """A worker on loaded ``pipes``; ``free_bytes`` replaces the disk's free-space reading (tests)."""
         self.pipes = pipes
-        self.lora_cache = lora_cache
-        self.ram_cache = ram_cache
-        self.aliases = aliases or {}
-        self.actions = CacheActions(lora_cache, ram_cache, self.aliases)
-        self.patcher = LoraPatcher(pipes.base, reuse_fused=os.environ.get("LORA_REUSE_FUSED", "1") != "0")
-        self.overlap_loras = os.environ.get("LORA_OVERLAP", "1") != "0"
+        self.settings = settings
+        self.lora_cache = LoraCache(settings.cache, free_bytes)
+        self.ram_cache = LoraRamCache(settings.loras.ram_cache_bytes)
+        self.aliases = settings.loras.aliases
+        self.actions = CacheActions(self.lora_cache, self.ram_cache, self.aliases)
+        self.patcher = LoraPatcher(pipes.base, reuse_fused=settings.loras.reuse_fused)
+        self.overlap_loras = settings.loras.overlap
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._loader_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-load")
 
     @classmethod
-    def from_env(cls) -> Worker:
-        """Read ``LORA_ALIASES``, load the models chosen by the environment, open the LoRA caches and preload
-        ``PRELOAD_LORAS`` and ``PINNED_LORAS``."""
-        aliases = load_aliases()
-        device, dtype = pick_device_and_dtype()
-        pipes = load_pipelines(choose_models(), device, dtype)
-        worker = cls(pipes, LoraCache.from_env(), LoraRamCache.from_env(), aliases)
-        preload = list(source_list(os.environ.get("PRELOAD_LORAS", "")))
-        pinned = list(worker.lora_cache.settings.pinned_sources)
+    def start(cls, settings: WorkerSettings) -> Worker:
+        """Load the models ``settings`` choose, open the LoRA caches and preload ``PRELOAD_LORAS`` and
+        ``PINNED_LORAS``."""
+        device, dtype = pick_device_and_dtype(settings.models.dtype)
+        worker = cls(load_pipelines(choose_models(settings.models), device, dtype), settings)
+        preload = list(settings.loras.preload_sources)
+        pinned = list(settings.cache.pinned_sources)
         if preload or pinned:
             worker.preload(preload, pinned)
         return worker
@@ -136,13 +135,13 @@ class Worker:
 
     async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         timer = PhaseTimer()
-        progress = JobProgress(job)
+        progress = JobProgress(job, self.settings.runtime)
         if is_action(job.get("input")):
             return await asyncio.to_thread(self.actions.run, job["input"], progress.message)
         with timer.phase("validate"):
             params = validate_job_input(job.get("input"), self.lora_cache.settings.max_per_request, self.aliases)
             raise_if_any(unknown_name_errors(params.loras, self.lora_cache.name_exists))
-            upload_enabled()
+            upload_enabled(self.settings.upload)
         init_image = None
         if params.image_url is not None:
             with timer.phase("load_image"):
@@ -161,7 +160,7 @@ class Worker:
         images, loaded, reports = await asyncio.get_running_loop().run_in_executor(
             self._pipeline_thread, self._generate, params, seed, init_image, pending, progress, timer)
         with timer.phase("encode"):
-            encoded = await asyncio.to_thread(encode_images, images, job_id)
+            encoded = await asyncio.to_thread(encode_images, images, job_id, self.settings.upload)
         output: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": seed, "timings": timer.ms}
         if params.prompt != job["input"]["prompt"]:
             output["prompt"] = params.prompt

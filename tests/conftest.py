@@ -47,18 +47,20 @@ def worker_handler(tiny_model_dir, worker_cache_dir):
 
 
 @pytest.fixture(scope="session")
-def make_worker(worker_handler):
-    """``make_worker(settings)``: the ``run`` of a new in-process ``Worker`` on the session worker's pipelines with its
-    own LoRA disk cache (``CacheSettings``) and RAM cache, to hand to ``run_through_sdk``."""
-    from handler import get_worker
-    from sdxl_worker.store.cache import LoraCache
-    from sdxl_worker.weights.ram_cache import LoraRamCache
-    from sdxl_worker.worker import Worker
+def make_handler(worker_handler):
+    """``make_handler(cache_settings)``: the ``run`` of a new in-process worker (``support.factories.make_worker``) on
+    the session worker's pipelines, to hand to ``run_through_sdk``."""
+    from tests.support.factories import make_worker
 
-    def make(settings):
-        return Worker(get_worker().pipes, LoraCache(settings), LoraRamCache(512 * 1024**2)).run
+    return lambda settings: make_worker(settings).run
 
-    return make
+
+@pytest.fixture(scope="session")
+def pipes(worker_handler):
+    """The pipelines of the session's in-process worker (loaded once)."""
+    import handler
+
+    return handler.get_worker().pipes
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +70,7 @@ def lora_blobs(worker_handler) -> dict[str, bytes]:
     from handler import get_worker
     from safetensors.torch import save
 
-    from tests.lora_forms import canonical_factors, kohya_state
+    from tests.support.lora_forms import canonical_factors, kohya_state
 
     pipe = get_worker().pipes.base
     shapes = {"style": (("unet", "text_encoder", "text_encoder_2"), 4, 31), "small": (("unet",), 1, 33),

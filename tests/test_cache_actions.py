@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 
 from sdxl_worker.request.aliases import load_aliases
 from sdxl_worker.request.entries import LoraRequest
-from tests.lora_forms import canonical_factors, write_kohya
-from tests.lora_workers import output_of, pipes, worker_with  # noqa: F401 - pipes is a fixture
-from tests.servers.fault_http import FaultServer
-from tests.servers.lora_files import lora_bytes, lora_tensors
-from tests.worker_env import PROJECT_ROOT, run_through_sdk, small_job
+from tests.support.lora_forms import canonical_factors, write_kohya
+from tests.support.factories import cache_settings, make_worker
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.lora_files import lora_bytes, lora_tensors
+from tests.support.worker_env import PROJECT_ROOT, output_of, run_through_sdk, small_job
 
 TOKEN = "civitai-TOKEN-SECRET-77"
 SD15_META = {"ss_base_model_version": "sd_v1", "ss_output_name": "old-style"}
@@ -81,7 +81,7 @@ def test_action_inputs_are_checked_like_jobs_with_every_problem_at_once(worker_h
 
 
 def test_prefetch_downloads_and_verifies_each_entry_without_generating(pipes, tmp_path, server, sdxl_lora):
-    worker = worker_with(pipes, tmp_path / "cache")
+    worker = make_worker(cache_settings(tmp_path / "cache"))
     wrong = "0" * 64
     output = action(worker, action="prefetch", loras=[
         server.url("/a.safetensors"), {"path": server.url("/b.safetensors"), "sha256": wrong},
@@ -105,7 +105,7 @@ def test_prefetch_downloads_and_verifies_each_entry_without_generating(pipes, tm
 
 
 def test_prefetch_sends_progress_through_the_job_progress_callback(pipes, tmp_path, server):
-    worker = worker_with(pipes, tmp_path / "cache")
+    worker = make_worker(cache_settings(tmp_path / "cache"))
     messages: list[str] = []
     output = worker.actions.run({"action": "prefetch", "loras": [{"path": server.url("/big.safetensors"),
                                                                     "name": "big"}]}, messages.append)
@@ -118,8 +118,8 @@ def test_list_loras_shows_entries_hand_placed_files_and_aliases_without_any_secr
     root = tmp_path / "cache"
     server.route("/api/download/models/9", body=lora_bytes(seed=9), require_auth=f"Bearer {TOKEN}",
                  headers={"Content-Disposition": 'attachment; filename="Nine.safetensors"'})
-    aliases = load_aliases({"LORA_ALIASES": json.dumps({"nine": server.url(f"/api/download/models/9?token={TOKEN}")})})
-    worker = worker_with(pipes, root, aliases, civitai_token=TOKEN, civitai_hosts=("127.0.0.1",))
+    aliases = load_aliases(json.dumps({"nine": server.url(f"/api/download/models/9?token={TOKEN}")}))
+    worker = make_worker(cache_settings(root, civitai_token=TOKEN, civitai_hosts=("127.0.0.1",)), aliases=aliases)
     action(worker, action="prefetch", loras=["nine", server.url("/a.safetensors")])
     save_file(lora_tensors(seed=4), str(root / "hand.safetensors"),
               metadata={"modelspec.title": "Hand Style", "modelspec.trigger_phrase": "hand drawn"})
@@ -148,8 +148,8 @@ def test_list_loras_shows_entries_hand_placed_files_and_aliases_without_any_secr
 
 def test_evict_by_key_source_and_alias_then_a_job_downloads_again_and_reuses_ram(pipes, tmp_path, server):
     root = tmp_path / "cache"
-    worker = worker_with(pipes, root, load_aliases({"LORA_ALIASES": json.dumps({"bee": server.url("/b.safetensors")})}),
-                         evict_grace_s=0)
+    aliases = load_aliases(json.dumps({"bee": server.url("/b.safetensors")}))
+    worker = make_worker(cache_settings(root, evict_grace_s=0), aliases=aliases)
     url_a = server.url("/a.safetensors")
     first = output_of(worker, small_job(loras=[url_a]))["loras"][0]
     action(worker, action="prefetch", loras=["bee"])
@@ -168,7 +168,7 @@ def test_evict_by_key_source_and_alias_then_a_job_downloads_again_and_reuses_ram
 
 
 def test_evict_refuses_entries_in_use_here_or_leased_by_another_process(pipes, tmp_path, server):
-    worker = worker_with(pipes, tmp_path / "cache", evict_grace_s=0)
+    worker = make_worker(cache_settings(tmp_path / "cache", evict_grace_s=0))
     url = server.url("/a.safetensors")
     resolved = worker.lora_cache.resolve(LoraRequest(0, url))
     with worker.lora_cache.in_use([resolved]):
@@ -191,7 +191,7 @@ def test_evict_refuses_entries_in_use_here_or_leased_by_another_process(pipes, t
 
 
 def test_evict_honours_the_grace_period_of_a_just_used_entry(pipes, tmp_path, server):
-    worker = worker_with(pipes, tmp_path / "cache")
+    worker = make_worker(cache_settings(tmp_path / "cache"))
     action(worker, action="prefetch", loras=[server.url("/a.safetensors")])
     (recent,) = action(worker, action="evict", loras=[server.url("/a.safetensors")])["loras"]
     assert recent["status"] == "refused" and recent["reason"].startswith("used 0 s ago, within the 120 s")
@@ -199,7 +199,7 @@ def test_evict_honours_the_grace_period_of_a_just_used_entry(pipes, tmp_path, se
 
 def test_evict_never_deletes_hand_placed_files_or_anything_outside_the_cache(pipes, tmp_path, server):
     root = tmp_path / "cache"
-    worker = worker_with(pipes, root, evict_grace_s=0)
+    worker = make_worker(cache_settings(root, evict_grace_s=0))
     (root / "hand.safetensors").write_bytes(lora_bytes(seed=7))
     outside = tmp_path / "outside"
     action(worker, action="prefetch", loras=[server.url("/a.safetensors")])
@@ -219,7 +219,7 @@ def test_evict_never_deletes_hand_placed_files_or_anything_outside_the_cache(pip
 
 
 def test_cache_stats_has_the_disk_and_ram_counters(pipes, tmp_path, server):
-    worker = worker_with(pipes, tmp_path / "cache", cache_max_bytes=10**9)
+    worker = make_worker(cache_settings(tmp_path / "cache", cache_max_bytes=10**9))
     output_of(worker, small_job(loras=[server.url("/a.safetensors")]))
     output_of(worker, small_job(loras=[server.url("/a.safetensors")]))
     stats = action(worker, action="cache_stats")

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.worker_env import (PROJECT_ROOT, PYTHON, image_from_png, local_api, png_from_data_uri, run_through_sdk,
+from tests.support.worker_env import (PROJECT_ROOT, PYTHON, image_from_png, local_api, png_from_data_uri, run_through_sdk,
                               small_job, subprocess_env)
 
 

@@ -14,9 +14,9 @@ from sdxl_worker.errors import LoraError
 from sdxl_worker.weights.patcher import LoraPatcher, fused_weight
 from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.load import LoraFactors, ParsedLora, _cast_factors, _fold_alphas, load_lora
-from tests.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
+from tests.support.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                               write_peft_folder, write_sd15_shaped)
-from tests.weights import assert_bit_identical, snapshot
+from tests.support.weights import assert_bit_identical, snapshot
 
 ALL = ("unet", "text_encoder", "text_encoder_2")
 

@@ -25,8 +25,8 @@ from sdxl_worker.store.locking import EntryLock, LockTimeout
 from sdxl_worker.store.owners import Heartbeat
 from sdxl_worker.request.entries import LoraRequest, parse_lora_requests
 from sdxl_worker.settings import GIB, CacheSettings
-from tests.servers.fault_http import FaultServer
-from tests.servers.lora_files import (
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.lora_files import (
     lora_bytes,
     malicious_pickle_bytes,
     torch_lora_bytes,
@@ -383,7 +383,7 @@ def test_eight_processes_asking_at_once_cause_exactly_one_download(tmp_path, ser
     server.route("/one.safetensors", body=BIG, chunk_size=65_536, chunk_delay_s=0.03)
     go = tmp_path / "go"
     outs = [tmp_path / f"out{n}.json" for n in range(8)]
-    children = [subprocess.Popen([sys.executable, "-m", "tests.servers.resolve_child",
+    children = [subprocess.Popen([sys.executable, "-m", "tests.support.servers.resolve_child",
                                   server.url("/one.safetensors"), str(out), str(go)],
                                  cwd=PROJECT_ROOT, env=child_env(root), stderr=subprocess.PIPE) for out in outs]
     deadline = time.monotonic() + 30
@@ -405,7 +405,7 @@ def test_a_downloader_killed_midway_leaves_no_partial_entry_and_the_next_request
     root = tmp_path / "cache"
     route = server.route("/slow.safetensors", body=BIG, chunk_size=16_384, chunk_delay_s=0.05)
     url = server.url("/slow.safetensors")
-    child = subprocess.Popen([sys.executable, "-m", "tests.servers.resolve_child", url, str(tmp_path / "out.json")],
+    child = subprocess.Popen([sys.executable, "-m", "tests.support.servers.resolve_child", url, str(tmp_path / "out.json")],
                              cwd=PROJECT_ROOT, env=child_env(root), stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while server.sent["/slow.safetensors"] < 100_000 and time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""Civitai sources through the cache against a local Civitai-compatible server (``tests.servers.fake_civitai``):
+"""Civitai sources through the cache against a local Civitai-compatible server (``tests.support.servers.fake_civitai``):
 every form, one entry per version, published hashes and sizes, base models, tokens, trained words, offline hits."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from sdxl_worker.errors import LoraError
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
-from tests.servers.fake_civitai import FakeCivitai
-from tests.servers.fault_http import FaultServer
-from tests.servers.lora_files import lora_bytes, torch_lora_bytes
+from tests.support.servers.fake_civitai import FakeCivitai
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.lora_files import lora_bytes, torch_lora_bytes
 
 LORA = lora_bytes(seed=11)
 SHA = hashlib.sha256(LORA).hexdigest()

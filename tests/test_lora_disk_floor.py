@@ -21,10 +21,10 @@ from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
 from sdxl_worker.net.transfer_progress import format_size
-from tests.servers.fake_civitai import FakeCivitai
-from tests.servers.fake_hub import FakeHub
-from tests.servers.fault_http import FaultServer
-from tests.servers.lora_files import lora_bytes
+from tests.support.servers.fake_civitai import FakeCivitai
+from tests.support.servers.fake_hub import FakeHub
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.lora_files import lora_bytes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FILES = {name: lora_bytes(seed=seed, rank=8, dim=4096) for seed, name in enumerate("abcdef")}  # 256 kB each
@@ -170,7 +170,7 @@ def test_on_a_real_4_mib_tmpfs_eviction_keeps_the_floor_and_refusal_leaves_it_cl
             server.route(f"/{name}.safetensors", body=body)
         urls = [server.url(f"/{name}.safetensors") for name in ("a", "b", "c", "d", "huge")]
         script = (f"mount -t tmpfs -o size=4m tmpfs {mount_point} && "
-                  f"exec {sys.executable} -m tests.servers.floor_child {mount_point} {3 * mib // 2} {urls[0]} "
+                  f"exec {sys.executable} -m tests.support.servers.floor_child {mount_point} {3 * mib // 2} {urls[0]} "
                   f"{' '.join(urls)}")
         child = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=PROJECT_ROOT, capture_output=True,
                                text=True, timeout=120)

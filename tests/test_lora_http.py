@@ -15,7 +15,7 @@ from sdxl_worker.net.download import (
     download_url,
 )
 from sdxl_worker.settings import CacheSettings
-from tests.servers.fault_http import FaultServer
+from tests.support.servers.fault_http import FaultServer
 
 BODY = bytes(range(256)) * 4096 * 3  # 3 MiB
 TOKEN = "civitai-SECRET-7d1f"

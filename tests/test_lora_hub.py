@@ -15,8 +15,8 @@ from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.sources.hub import choose_files
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
-from tests.servers.fake_hub import FakeHub
-from tests.servers.lora_files import lora_bytes, torch_lora_bytes
+from tests.support.servers.fake_hub import FakeHub
+from tests.support.servers.lora_files import lora_bytes, torch_lora_bytes
 
 HF_SECRET = "hf_SECRETtoken123"
 LORA = lora_bytes(seed=1)

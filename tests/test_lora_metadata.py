@@ -20,7 +20,7 @@ from sdxl_worker.weights.metadata import (
     metadata_from_fields,
     read_header_metadata,
 )
-from tests.servers.lora_files import lora_tensors, torch_lora_bytes
+from tests.support.servers.lora_files import lora_tensors, torch_lora_bytes
 
 KOHYA = {
     "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "4", "ss_v2": "False",

@@ -20,14 +20,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.worker import Worker
-from tests.lora_forms import canonical_factors, write_kohya, write_sd15_shaped
-from tests.servers.fault_http import FaultServer
-from tests.weights import assert_bit_identical, snapshot
-from tests.worker_env import small_job
+from tests.support.factories import cache_settings, make_worker
+from tests.support.lora_forms import canonical_factors, write_kohya, write_sd15_shaped
+from tests.support.servers.fault_http import FaultServer
+from tests.support.weights import assert_bit_identical, snapshot
+from tests.support.worker_env import small_job
 
 ALL = ("unet", "text_encoder", "text_encoder_2")
 REENCODE_LOG = "encoding the prompt again"
@@ -56,17 +54,12 @@ def server(lora_files):
         yield running
 
 
-def make_worker(cache_dir: Path, overlap: bool, lora_files: dict[str, Path]) -> Worker:
+def overlap_worker(cache_dir: Path, overlap: bool, lora_files: dict[str, Path]) -> Worker:
     """A worker on the shared tiny pipelines with its own caches; ``lora_files`` placed in its cache by name."""
-    from handler import get_worker
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     for path in lora_files.values():
         shutil.copy(path, cache_dir / path.name)
-    settings = CacheSettings.from_env({"LORA_CACHE_DIR": str(cache_dir), "LORA_ALLOW_PRIVATE_HOSTS": "1"})
-    worker = Worker(get_worker().pipes, LoraCache(settings), LoraRamCache(1024**3))
-    worker.overlap_loras = overlap
-    return worker
+    return make_worker(cache_settings(cache_dir), ram_cache_bytes=1024**3, overlap=overlap)
 
 
 def run(worker: Worker, **job) -> dict:
@@ -93,8 +86,8 @@ LORA_SETS = {
 def test_overlapped_jobs_give_the_sequential_bytes_on_every_cache_tier(worker_handler, server, lora_files,
                                                                        tmp_path, caplog, case):
     loras = LORA_SETS[case](server.url)
-    sequential = make_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
-    overlapped = make_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
+    sequential = overlap_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
+    overlapped = overlap_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
     reference = images(run(sequential, seed=51, num_images=2, loras=loras))
     caplog.set_level(logging.INFO, logger="sdxl_worker.worker")
     outputs = [run(overlapped, seed=51, num_images=2, loras=loras) for _ in range(3)]  # miss, RAM hit, same set
@@ -128,12 +121,12 @@ def loads_only_after_encoding(worker: Worker, wait_s: float) -> Iterator[None]:
 
 def test_the_prompt_is_encoded_while_the_loras_load(worker_handler, lora_files, tmp_path):
     """Only an overlapping worker can finish a job whose LoRA loader waits for the prompt encoding."""
-    overlapped = make_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
+    overlapped = overlap_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
     with loads_only_after_encoding(overlapped, wait_s=60):
         output = run(overlapped, seed=52, loras=["unet.safetensors"])
     assert "error" not in output, output.get("error")
 
-    sequential = make_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
+    sequential = overlap_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
     with loads_only_after_encoding(sequential, wait_s=2):
         output = run(sequential, seed=52, loras=["unet.safetensors"])
     assert "the prompt was not encoded while the LoRAs loaded" in output["error"]
@@ -146,7 +139,7 @@ def test_the_prompt_is_encoded_while_the_loras_load(worker_handler, lora_files, 
 ])
 def test_a_lora_failing_midway_errors_cleanly_and_restores_the_pipeline(worker_handler, lora_files, tmp_path,
                                                                          loras, fragment):
-    overlapped = make_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
+    overlapped = overlap_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
     pipe = overlapped.pipes.base
     weights = snapshot(pipe)
     baseline = images(run(overlapped, seed=53))
@@ -163,7 +156,7 @@ def test_overlapped_and_sequential_applies_alternate_on_one_worker(worker_handle
     fused tensors one job leaves are written by the next, whichever path each takes."""
     jobs = [["unet.safetensors"], ["all.safetensors"], [{"path": "unet2.safetensors", "scale": -0.6}],
             [{"path": "all.safetensors", "scale": 0.4}], ["unet.safetensors", "unet2.safetensors"]]
-    sequential = make_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
+    sequential = overlap_worker(tmp_path / "sequential", overlap=False, lora_files=lora_files)
     expected = [images(run(sequential, seed=54, loras=loras)) for loras in jobs]
-    overlapped = make_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
+    overlapped = overlap_worker(tmp_path / "overlapped", overlap=True, lora_files=lora_files)
     assert [images(run(overlapped, seed=54, loras=loras)) for loras in jobs + jobs] == expected + expected

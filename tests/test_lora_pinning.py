@@ -14,9 +14,9 @@ from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.load import load_lora
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
-from tests.servers.fake_civitai import FakeCivitai
-from tests.servers.fault_http import FaultServer
-from tests.servers.lora_files import lora_bytes, write_lora
+from tests.support.servers.fake_civitai import FakeCivitai
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.lora_files import lora_bytes, write_lora
 
 
 @pytest.fixture

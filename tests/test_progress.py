@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.servers.progress_sink import ProgressSink
-from tests.worker_env import PROJECT_ROOT, PYTHON, small_job, subprocess_env
+from tests.support.servers.progress_sink import ProgressSink
+from tests.support.worker_env import PROJECT_ROOT, PYTHON, small_job, subprocess_env
 
 JOB_SCRIPT = """
 import asyncio, json, sys, time

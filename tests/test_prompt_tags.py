@@ -21,7 +21,7 @@ ALIASES = {
 
 @pytest.fixture(scope="module")
 def aliases():
-    return load_aliases({"LORA_ALIASES": json.dumps(ALIASES)})
+    return load_aliases(json.dumps(ALIASES))
 
 
 def validated(aliases, **fields) -> JobParams:
@@ -133,8 +133,8 @@ def test_with_trigger_words_appends_only_the_missing_words():
 def test_aliases_from_a_json_string_and_from_a_file_are_the_same(tmp_path, aliases):
     path = tmp_path / "aliases.json"
     path.write_text(json.dumps(ALIASES))
-    from_file = load_aliases({"LORA_ALIASES": f"  {path}  "})
-    assert dict(from_file) == dict(aliases) and load_aliases({}) == {} and load_aliases({"LORA_ALIASES": " "}) == {}
+    from_file = load_aliases(f"  {path}  ")
+    assert dict(from_file) == dict(aliases) and load_aliases("") == {} and load_aliases(" ") == {}
     assert aliases["film"] == {"path": ALIASES["film"]} and aliases["pixel"]["scale"] == 0.8
 
 
@@ -146,7 +146,7 @@ def test_shown_aliases_never_carry_secret_query_parameters(aliases):
 
 def test_a_civitai_url_alias_is_shown_without_the_token_pasted_into_it():
     pasted = "https://civitai.com/api/download/models/128713?type=Model&token=PASTED-SECRET-9"
-    aliases = load_aliases({"LORA_ALIASES": json.dumps({"civ": pasted})})
+    aliases = load_aliases(json.dumps({"civ": pasted}))
     assert shown_aliases(aliases) == {"civ": {"path": "https://civitai.com/api/download/models/128713?type=Model"}}
 
 
@@ -164,11 +164,11 @@ def test_a_civitai_url_alias_is_shown_without_the_token_pasted_into_it():
 ])
 def test_bad_aliases_stop_the_start_with_a_message_naming_the_variable(value, fragment):
     with pytest.raises(ValueError) as caught:
-        load_aliases({"LORA_ALIASES": value})
+        load_aliases(value)
     assert fragment in str(caught.value)
 
 
 def test_every_bad_alias_is_reported_at_once():
     with pytest.raises(ValueError) as caught:
-        load_aliases({"LORA_ALIASES": json.dumps({"a": "ftp://x/y", "b": {"scale": 1}, "ok": "x.pt"})})
+        load_aliases(json.dumps({"a": "ftp://x/y", "b": {"scale": 1}, "ok": "x.pt"}))
     assert "LORA_ALIASES['a']" in str(caught.value) and "LORA_ALIASES['b'].path: required" in str(caught.value)

@@ -17,10 +17,10 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from sdxl_worker.request.aliases import load_aliases
-from tests.lora_forms import canonical_factors, write_kohya
-from tests.lora_workers import pipes, worker_with  # noqa: F401 - pipes is a fixture
-from tests.servers.fake_hub import FakeHub
-from tests.worker_env import PROJECT_ROOT, run_through_sdk
+from tests.support.lora_forms import canonical_factors, write_kohya
+from tests.support.factories import cache_settings, make_worker
+from tests.support.servers.fake_hub import FakeHub
+from tests.support.worker_env import PROJECT_ROOT, run_through_sdk
 
 EXAMPLE = re.compile(r"<!-- example: (?P<role>aliases|request|response)(?: (?P<name>[\w-]+))? -->\n```json\n"
                      r"(?P<body>.*?)\n```", re.DOTALL)
@@ -78,8 +78,8 @@ def readme_worker(pipes, tmp_path_factory, tiny_model_dir):
     with FakeHub() as hub:
         hub.add_repo("nerijs/pixel-art-xl", {"pixel-art-xl.safetensors": pixel.read_bytes()})
         hub.add_repo("ostris/watercolor_style_lora_sdxl", {"watercolor_v1_sdxl.safetensors": watercolor.read_bytes()})
-        yield worker_with(pipes, cache, load_aliases({"LORA_ALIASES": aliases_text}), hf_endpoint=hub.endpoint,
-                          evict_grace_s=0)
+        yield make_worker(cache_settings(cache, hf_endpoint=hub.endpoint, evict_grace_s=0),
+                          aliases=load_aliases(aliases_text))
 
 
 def test_the_readme_examples_run_as_written_and_answer_as_documented(readme_worker):

@@ -3,7 +3,7 @@
 - full: the worker's own file size limit (``RLIMIT_FSIZE``, with ``SIGXFSZ`` ignored) makes every write past N bytes
   fail with ``EFBIG`` in the kernel, exactly where a full volume fails with ``ENOSPC``;
 - read-only: ``chmod`` on the folder tree, and a worker subprocess that (when root) has dropped the capabilities
-  that would let it ignore file modes (``tests.servers.job_runner --no-dac-override``).
+  that would let it ignore file modes (``tests.support.servers.job_runner --no-dac-override``).
 
 The LoRA job fails with an error naming the LoRA and the disk problem, nothing broken is left in the cache, LoRAs
 already there (or small enough) still work, and jobs without LoRAs return their reference bytes.
@@ -23,9 +23,10 @@ import pytest
 
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
-from tests.cache_audit import cache_problems, entry_keys
-from tests.servers.fault_http import FaultServer
-from tests.worker_env import (PROJECT_ROOT, PYTHON, fast_cache_settings, images_of, run_through_sdk, small_job,
+from tests.support.cache_audit import cache_problems, entry_keys
+from tests.support.servers.fault_http import FaultServer
+from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.worker_env import (PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job,
                               subprocess_env)
 
 FILE_LIMIT = 1_000_000  # the small LoRA (60 kB) fits, the big one (3.2 MB) does not; this process's logs fit too
@@ -44,9 +45,9 @@ def server(lora_blobs):
 
 
 @pytest.fixture(scope="module")
-def references(make_worker, tmp_path_factory, server) -> dict[str, list[str]]:
+def references(make_handler, tmp_path_factory, server) -> dict[str, list[str]]:
     """Images of the jobs below from a worker with a healthy cache."""
-    handler = make_worker(fast_cache_settings(tmp_path_factory.mktemp("healthy-cache")))
+    handler = make_handler(cache_settings(tmp_path_factory.mktemp("healthy-cache"), **FAULT_TIMINGS))
     return {name: images_of(run_through_sdk(handler, job(loras))) for name, loras in (
         ("plain", None), ("small", [server.url("/small.safetensors")]), ("big", [server.url("/big.safetensors")]))}
 
@@ -64,10 +65,10 @@ def file_size_limit(max_bytes: int) -> Iterator[None]:
         signal.signal(signal.SIGXFSZ, previous)
 
 
-def test_a_full_cache_fails_the_lora_job_clearly_and_the_worker_keeps_serving(make_worker, tmp_path, server,
+def test_a_full_cache_fails_the_lora_job_clearly_and_the_worker_keeps_serving(make_handler, tmp_path, server,
                                                                               references):
     root = tmp_path / "cache"
-    handler = make_worker(fast_cache_settings(root))
+    handler = make_handler(cache_settings(root, **FAULT_TIMINGS))
     with file_size_limit(FILE_LIMIT):
         with pytest.raises(OSError, match="File too large"):  # the control: the kernel enforces the limit here
             (tmp_path / "probe").write_bytes(bytes(FILE_LIMIT + 1))
@@ -100,7 +101,7 @@ def test_a_read_only_cache_serves_what_it_holds_and_refuses_new_loras_clearly(tm
     """A worker started on a read-only volume (its internal folders never created) still serves plain jobs, a
     downloaded entry and a hand-placed file, and names the folder when a LoRA would need a download."""
     root = tmp_path / "cache"
-    LoraCache(fast_cache_settings(root)).resolve(LoraRequest(0, server.url("/small.safetensors")))
+    LoraCache(cache_settings(root, **FAULT_TIMINGS)).resolve(LoraRequest(0, server.url("/small.safetensors")))
     (root / "placed.safetensors").write_bytes(lora_blobs["small"])
     for internal in (".locks", ".leases"):
         (root / internal).rmdir()
@@ -110,7 +111,7 @@ def test_a_read_only_cache_serves_what_it_holds_and_refuses_new_loras_clearly(tm
     before = _tree(root)
     _set_modes(root, 0o555, 0o444)
     try:
-        done = subprocess.run([PYTHON, "-m", "tests.servers.job_runner", str(tmp_path / "jobs.json"),
+        done = subprocess.run([PYTHON, "-m", "tests.support.servers.job_runner", str(tmp_path / "jobs.json"),
                                str(tmp_path / "out.json"), "--no-dac-override"], cwd=PROJECT_ROOT,
                               env=subprocess_env(root), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

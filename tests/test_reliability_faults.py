@@ -2,7 +2,7 @@
 succeeds after retries with the undisturbed image or ends with an error naming the LoRA and the cause; the cache
 never holds a partial or unverified entry; the next LoRA job and the next plain job return their reference bytes.
 
-The faults come from ``tests.servers.fault_http.FaultServer`` on 127.0.0.1: connection reset midway, body shorter
+The faults come from ``tests.support.servers.fault_http.FaultServer`` on 127.0.0.1: connection reset midway, body shorter
 than ``Content-Length``, a stalled server, 429 with ``Retry-After``, 5xx, redirect loops, a redirect to the cloud
 metadata address or to ``file://``, files over ``LORA_MAX_BYTES``, valid safetensors files that are not LoRAs.
 """
@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import save
 
 from sdxl_worker.request.entries import LoraRequest
-from tests.cache_audit import cache_problems, entry_keys
-from tests.servers.fault_http import FaultServer
-from tests.worker_env import fast_cache_settings, images_of, run_through_sdk, small_job
+from tests.support.cache_audit import cache_problems, entry_keys
+from tests.support.servers.fault_http import FaultServer
+from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.worker_env import images_of, run_through_sdk, small_job
 
 MAX_BYTES = 1_000_000
 SEED = 51
@@ -54,11 +55,11 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, make_worker, lora_blobs) -> Iterator[Env]:
+def env(tmp_path_factory, make_handler, lora_blobs) -> Iterator[Env]:
     root = tmp_path_factory.mktemp("fault-cache")
     with FaultServer() as server:
         server.route("/good.safetensors", body=lora_blobs["style"])
-        state = Env(server, root, make_worker(fast_cache_settings(root, max_bytes=MAX_BYTES)))
+        state = Env(server, root, make_handler(cache_settings(root, **FAULT_TIMINGS, max_bytes=MAX_BYTES)))
         state.plain = images_of(run_through_sdk(state.handler, job()))
         state.with_good = images_of(run_through_sdk(state.handler, job([state.good_url()])))
         assert state.with_good != state.plain
@@ -165,12 +166,12 @@ def _flip_last_byte_keeping_mtime(path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_flipped_bytes_in_a_cached_entry_are_refetched_by_a_restarted_worker(env, make_worker):
+def test_flipped_bytes_in_a_cached_entry_are_refetched_by_a_restarted_worker(env, make_handler):
     key = LoraRequest(0, env.good_url()).cache_key
     weights = next((env.root / key).glob("weights.*"))
     _flip_last_byte_keeping_mtime(weights)
     before = env.server.count("/good.safetensors")
-    restarted = make_worker(fast_cache_settings(env.root, max_bytes=MAX_BYTES))
+    restarted = make_handler(cache_settings(env.root, **FAULT_TIMINGS, max_bytes=MAX_BYTES))
     result = run_through_sdk(restarted, job([env.good_url()]))
     assert images_of(result) == env.with_good
     assert result["output"]["loras"][0]["cache_hit"] is False
@@ -179,13 +180,13 @@ def test_flipped_bytes_in_a_cached_entry_are_refetched_by_a_restarted_worker(env
     env.assert_next_jobs_unaffected()
 
 
-def test_flipped_bytes_in_an_entry_named_directly_are_reported(env, make_worker):
+def test_flipped_bytes_in_an_entry_named_directly_are_reported(env, make_handler):
     """An entry addressed by its cache name has no source to re-fetch from: the job says the entry is corrupt."""
     key = LoraRequest(0, env.good_url()).cache_key
     weights = next((env.root / key).glob("weights.*"))
     original = weights.read_bytes()
     _flip_last_byte_keeping_mtime(weights)
-    restarted = make_worker(fast_cache_settings(env.root, max_bytes=MAX_BYTES))
+    restarted = make_handler(cache_settings(env.root, **FAULT_TIMINGS, max_bytes=MAX_BYTES))
     result = run_through_sdk(restarted, job([key]))
     assert result["error"] == (f"loras[0] ({key}): the cache entry failed verification (its file changed or is "
                                "corrupt)")

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from schemas import INPUT_SCHEMA, MAX_PROMPT_CHARS, SCHEDULERS
 from sdxl_worker.errors import InputError
 from sdxl_worker.request.validation import validate_job_input
-from tests.worker_env import fast_cache_settings, images_of, run_through_sdk, small_job
+from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.worker_env import images_of, run_through_sdk, small_job
 
 PLACED_LORA = "placed-style.safetensors"
 REFERENCE_JOB = small_job(seed=91, num_inference_steps=1)
@@ -179,11 +180,11 @@ def test_validation_names_every_spoiled_field_and_accepts_the_rest(drawn):
 
 
 @pytest.fixture(scope="module")
-def worker(make_worker, tmp_path_factory, lora_blobs):
+def worker(make_handler, tmp_path_factory, lora_blobs):
     """A worker whose cache holds one hand-placed LoRA; Hugging Face points at a closed local port (never used)."""
     root = tmp_path_factory.mktemp("input-cache")
     (root / PLACED_LORA).write_bytes(lora_blobs["small"])
-    handler = make_worker(fast_cache_settings(root, hf_endpoint="http://127.0.0.1:9"))
+    handler = make_handler(cache_settings(root, **FAULT_TIMINGS, hf_endpoint="http://127.0.0.1:9"))
     return handler, images_of(run_through_sdk(handler, REFERENCE_JOB))
 
 

@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import requests
 
-from tests.servers.fault_http import FaultServer
-from tests.worker_env import fast_cache_settings, images_of, local_api, run_through_sdk, small_job, subprocess_env
+from tests.support.servers.fault_http import FaultServer
+from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.worker_env import images_of, local_api, run_through_sdk, small_job, subprocess_env
 
 JOBS_PER_PHASE = 100
 CLIENT_THREADS = 8
@@ -57,13 +58,13 @@ def rss(process: psutil.Process) -> int:
 
 
 def test_200_jobs_sequential_and_concurrent_match_their_references_with_flat_memory(
-        tmp_path, tiny_model_dir, make_worker, lora_blobs):
+        tmp_path, tiny_model_dir, make_handler, lora_blobs):
     with FaultServer() as loras:
         for name in ("style", "small"):
             loras.route(f"/{name}.safetensors", body=lora_blobs[name])
         loras.route("/slow-small.safetensors", body=lora_blobs["small"], chunk_size=2048, chunk_delay_s=0.1)
         jobs = mix(loras.url)
-        reference_worker = make_worker(fast_cache_settings(tmp_path / "reference-cache"))
+        reference_worker = make_handler(cache_settings(tmp_path / "reference-cache", **FAULT_TIMINGS))
         expected = {name: images_of(run_through_sdk(reference_worker, job)) for name, job in jobs.items()}
         assert len({tuple(images) for images in expected.values()}) == len(expected) - 1  # small-zero == plain-2
         assert expected["small-zero"] == expected["plain-2"]

@@ -1,5 +1,5 @@
 """Workers killed with SIGKILL, as RunPod does when it scales down or a machine dies: once during a LoRA download,
-once during generation with the LoRA applied. Both are worker subprocesses (``tests.servers.job_runner``, the SDK's
+once during generation with the LoRA applied. Both are worker subprocesses (``tests.support.servers.job_runner``, the SDK's
 ``run_job`` on ``handler.handler``) on one cache folder, loaded together and released one after the other; a new
 worker on that folder then serves the LoRA and a plain job with their reference bytes, the dead workers' lock,
 leftover and lease block nothing, and no partial entry is ever visible under a final name.
@@ -19,10 +19,11 @@ import pytest
 
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
-from tests.cache_audit import cache_problems, entry_keys
-from tests.servers.fault_http import FaultServer
-from tests.servers.progress_sink import ProgressSink
-from tests.worker_env import (PROJECT_ROOT, PYTHON, fast_cache_settings, images_of, run_through_sdk, small_job,
+from tests.support.cache_audit import cache_problems, entry_keys
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.progress_sink import ProgressSink
+from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.worker_env import (PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job,
                               subprocess_env)
 
 TOKENS = {"HF_TOKEN": "hf_KILLTEST_3c9d", "CIVITAI_TOKEN": "civitai-KILLTEST-77aa"}
@@ -34,7 +35,7 @@ def start_worker(job_input: dict, cache: Path, folder: Path, **env: str) -> subp
     folder.mkdir()
     (folder / "jobs.json").write_text(json.dumps([job_input]))
     with (folder / "worker.log").open("w") as log:
-        return subprocess.Popen([PYTHON, "-m", "tests.servers.job_runner", str(folder / "jobs.json"),
+        return subprocess.Popen([PYTHON, "-m", "tests.support.servers.job_runner", str(folder / "jobs.json"),
                                  str(folder / "out.json"), "--go", str(folder / "go")], cwd=PROJECT_ROOT,
                                 env=subprocess_env(cache, **TOKENS, **env), stdout=log, stderr=subprocess.STDOUT)
 
@@ -84,7 +85,7 @@ def server(lora_blobs):
 
 
 def test_workers_killed_mid_download_and_mid_generation_leave_a_cache_the_next_worker_serves(
-        tmp_path, tiny_model_dir, make_worker, server, lora_blobs, spawned):
+        tmp_path, tiny_model_dir, make_handler, server, lora_blobs, spawned):
     root, url = tmp_path / "cache", server.url("/style.safetensors")
     key = LoraRequest(0, url).cache_key
     short = small_job(seed=81, num_inference_steps=1, loras=[url])
@@ -93,7 +94,7 @@ def test_workers_killed_mid_download_and_mid_generation_leave_a_cache_the_next_w
         generating = start_worker(small_job(seed=82, num_inference_steps=LONG_STEPS, loras=[url]), root,
                                   tmp_path / "generate", RUNPOD_WEBHOOK_POST_OUTPUT=sink.url, PROGRESS_INTERVAL_S="0")
         spawned += [downloading, generating]
-        reference = make_worker(fast_cache_settings(tmp_path / "reference-cache"))
+        reference = make_handler(cache_settings(tmp_path / "reference-cache", **FAULT_TIMINGS))
         expected = {"lora": images_of(run_through_sdk(reference, short)),
                     "plain": images_of(run_through_sdk(reference, small_job(seed=81, num_inference_steps=1)))}
         sent_before = server.sent["/style.safetensors"]
@@ -115,14 +116,14 @@ def test_workers_killed_mid_download_and_mid_generation_leave_a_cache_the_next_w
     leftovers = [child.name for child in root.iterdir() if child.name.startswith(".tmp-")]
     assert cache_problems(root, allow_dead_holders=True) == [f"leftover {name}" for name in leftovers]
 
-    restarted = make_worker(fast_cache_settings(root))
+    restarted = make_handler(cache_settings(root, **FAULT_TIMINGS))
     assert cache_problems(root, allow_dead_holders=True) == []  # the new worker removed the dead one's leftover
     served = run_through_sdk(restarted, short)
     assert images_of(served) == expected["lora"] and served["output"]["loras"][0]["cache_hit"] is True
     assert images_of(run_through_sdk(restarted, small_job(seed=81, num_inference_steps=1))) == expected["plain"]
     assert server.count("/style.safetensors") == 3  # reference, killed download, the download before generation
 
-    evicting = LoraCache(fast_cache_settings(root, cache_max_bytes=1, evict_grace_s=0))
+    evicting = LoraCache(cache_settings(root, **FAULT_TIMINGS, cache_max_bytes=1, evict_grace_s=0))
     evicting.resolve(LoraRequest(0, server.url("/small.safetensors")))
     assert key not in entry_keys(root), "a dead worker's lease kept the entry from eviction"
     assert cache_problems(root) == []

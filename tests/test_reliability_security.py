@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from sdxl_worker.request.entries import LoraRequest
-from tests.cache_audit import cache_problems, entry_keys
-from tests.servers.fake_hub import FakeHub
-from tests.servers.fault_http import FaultServer
-from tests.servers.lora_files import legacy_pickle_bytes, malicious_pickle_bytes
-from tests.worker_env import (PROJECT_ROOT, PYTHON, fast_cache_settings, images_of, run_through_sdk, small_job,
+from tests.support.cache_audit import cache_problems, entry_keys
+from tests.support.servers.fake_hub import FakeHub
+from tests.support.servers.fault_http import FaultServer
+from tests.support.servers.lora_files import legacy_pickle_bytes, malicious_pickle_bytes
+from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.worker_env import (PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job,
                               subprocess_env)
 
 SEED = 61
@@ -65,8 +66,8 @@ def cache_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def handler(make_worker, cache_root):
-    return make_worker(fast_cache_settings(cache_root))
+def handler(make_handler, cache_root):
+    return make_handler(cache_settings(cache_root, **FAULT_TIMINGS))
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +189,10 @@ def test_a_cached_entry_whose_file_or_folder_is_swapped_for_a_link_out_is_not_tr
 
 
 @pytest.fixture(scope="module")
-def strict_handler(make_worker, tmp_path_factory):
+def strict_handler(make_handler, tmp_path_factory):
     """A worker with the default rule: no private hosts (LORA_ALLOW_PRIVATE_HOSTS unset)."""
     root = tmp_path_factory.mktemp("strict-cache")
-    return make_worker(fast_cache_settings(root, allow_private_hosts=False)), root
+    return make_handler(cache_settings(root, **FAULT_TIMINGS, allow_private_hosts=False)), root
 
 
 @pytest.mark.parametrize("host, reason", [
@@ -218,7 +219,7 @@ def test_internal_addresses_in_every_spelling_are_refused_before_any_request(str
 # -- tokens ------------------------------------------------------------------------------------------------------
 
 
-def test_tokens_never_appear_in_logs_errors_or_outputs(make_worker, server, tmp_path, caplog, good_lora):
+def test_tokens_never_appear_in_logs_errors_or_outputs(make_handler, server, tmp_path, caplog, good_lora):
     caplog.set_level(logging.DEBUG)
     body = good_lora.read_bytes()
     server.route("/api/download/models/11", body=body, require_auth=f"Bearer {CIVITAI_SECRET}")
@@ -226,9 +227,9 @@ def test_tokens_never_appear_in_logs_errors_or_outputs(make_worker, server, tmp_
     server.route("/api/download/models/13", fail_first=100, fail_status=500)
     with FakeHub() as hub:
         hub.add_repo("me/private-style", {"style.safetensors": body}, token=HF_SECRET)
-        handler = make_worker(fast_cache_settings(
-            tmp_path / "cache", civitai_token=CIVITAI_SECRET, hf_token=HF_SECRET, civitai_hosts=("127.0.0.1",),
-            hf_endpoint=hub.endpoint))
+        handler = make_handler(cache_settings(
+            tmp_path / "cache", **FAULT_TIMINGS, civitai_token=CIVITAI_SECRET, hf_token=HF_SECRET,
+            civitai_hosts=("127.0.0.1",), hf_endpoint=hub.endpoint))
         jobs = [
             [server.url(f"/api/download/models/11?token={CIVITAI_SECRET}")],
             [{"path": server.url("/api/download/models/11"), "name": f"label-{HF_SECRET}", "scale": 0.5}],
@@ -258,7 +259,7 @@ def test_redirects_from_an_allowed_public_host_to_internal_ones_are_refused_for_
     server on a public name works, and every redirect from it to an internal name or address is refused before any
     request reaches the internal server, which would have served a valid LoRA."""
     (tmp_path / "lora.safetensors").write_bytes(lora_blobs["small"])
-    done = subprocess.run([PYTHON, "-m", "tests.servers.isolated_network", str(tmp_path / "lora.safetensors"),
+    done = subprocess.run([PYTHON, "-m", "tests.support.servers.isolated_network", str(tmp_path / "lora.safetensors"),
                            str(tmp_path)], cwd=PROJECT_ROOT, env=subprocess_env(tmp_path / "unused"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import boto3
 import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
-from tests.worker_env import free_port, png_from_data_uri, run_through_sdk, small_job
+from sdxl_worker.settings import UploadSettings
+from tests.support.factories import cache_settings, make_worker
+from tests.support.worker_env import free_port, png_from_data_uri, run_through_sdk, small_job
 
 BUCKET = "sdxl-images"
 
@@ -30,13 +34,20 @@ def bucket_keys(endpoint: str) -> list[str]:
     return [item["Key"] for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
 
 
-def test_images_are_uploaded_and_urls_returned(worker_handler, s3_endpoint, monkeypatch):
+def uploading_worker(tmp_path):
+    """A worker whose upload settings come from the environment as the test has set it (``rp_upload`` reads the
+    same variables)."""
+    return make_worker(cache_settings(tmp_path / "cache"), upload=UploadSettings.from_env(os.environ))
+
+
+def test_images_are_uploaded_and_urls_returned(worker_handler, s3_endpoint, monkeypatch, tmp_path):
     reference = run_through_sdk(worker_handler, small_job(seed=31, num_images=2))["output"]["images"]
     monkeypatch.setenv("BUCKET_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "test-key")
     monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "test-secret")
     monkeypatch.setenv("BUCKET_NAME", BUCKET)
-    output = run_through_sdk(worker_handler, small_job(seed=31, num_images=2), job_id="upload-job")["output"]
+    output = run_through_sdk(uploading_worker(tmp_path).run, small_job(seed=31, num_images=2),
+                             job_id="upload-job")["output"]
     assert output["image_url"] == output["images"][0]
     assert all(url.startswith(s3_endpoint + f"/{BUCKET}/upload-job/") for url in output["images"])
     downloaded = [requests.get(url, timeout=10).content for url in output["images"]]
@@ -51,7 +62,7 @@ def test_incomplete_bucket_settings_are_an_error_not_a_silent_local_save(worker_
     monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "test-key")
     monkeypatch.delenv("BUCKET_SECRET_ACCESS_KEY", raising=False)
     before = bucket_keys(s3_endpoint)
-    result = run_through_sdk(worker_handler, small_job(), job_id="no-secret")
+    result = run_through_sdk(uploading_worker(tmp_path).run, small_job(), job_id="no-secret")
     assert "BUCKET_SECRET_ACCESS_KEY" in result["error"]
     assert "generate" not in str(result.get("output", ""))
     assert bucket_keys(s3_endpoint) == before

@@ -20,7 +20,7 @@ from sdxl_worker.net.url_safety import (
     refusal_reason,
     resolve_in_cache,
 )
-from tests.servers.fault_http import FaultServer
+from tests.support.servers.fault_http import FaultServer
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from schemas import SCHEDULERS
-from tests.worker_env import image_from_png, png_from_data_uri, run_through_sdk, small_job
+from tests.support.worker_env import image_from_png, png_from_data_uri, run_through_sdk, small_job
 
 
 def test_job_returns_png_data_uris_seed_and_timings(worker_handler):

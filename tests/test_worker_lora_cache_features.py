@@ -11,15 +11,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.request.entries import parse_lora_requests
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.worker import Worker
-from tests.lora_forms import canonical_factors, write_kohya
-from tests.servers.fake_civitai import FakeCivitai
-from tests.servers.fault_http import FaultServer
-from tests.worker_env import small_job
+from tests.support.factories import cache_settings, make_worker
+from tests.support.lora_forms import canonical_factors, write_kohya
+from tests.support.servers.fake_civitai import FakeCivitai
+from tests.support.servers.fault_http import FaultServer
+from tests.support.worker_env import small_job
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +40,9 @@ def server(lora_bodies):
         yield running
 
 
-def make_worker(tmp_path, server, ram_budget: int = 2 * 1024**3, free_bytes=None, **settings) -> Worker:
-    from handler import get_worker
-
-    options = {"cache_dir": tmp_path / "cache", "allow_private_hosts": True, "civitai_api_base": server.url(""),
-               **settings}
-    return Worker(get_worker().pipes, LoraCache(CacheSettings(**options), free_bytes), LoraRamCache(ram_budget))
+def feature_worker(tmp_path, server, ram_budget: int = 2 * 1024**3, free_bytes=None, **settings) -> Worker:
+    cache = cache_settings(tmp_path / "cache", civitai_api_base=server.url(""), **settings)
+    return make_worker(cache, ram_cache_bytes=ram_budget, free_bytes=free_bytes)
 
 
 def run(worker: Worker, **job) -> dict:
@@ -55,7 +50,7 @@ def run(worker: Worker, **job) -> dict:
 
 
 def test_a_civitai_air_in_a_job_is_fetched_once_and_applied(worker_handler, server, tmp_path):
-    worker = make_worker(tmp_path, server)
+    worker = feature_worker(tmp_path, server)
     plain = run(worker, seed=70)["images"]
     first = run(worker, seed=70, loras=["urn:air:sdxl:lora:civitai:1@5150"])
     second = run(worker, seed=70, loras=[{"path": "civitai:5150", "scale": 1.0}])
@@ -74,7 +69,7 @@ def test_a_civitai_air_in_a_job_is_fetched_once_and_applied(worker_handler, serv
 
 
 def test_a_pasted_civitai_url_token_never_reaches_the_output_or_the_log(worker_handler, server, tmp_path, caplog):
-    worker = make_worker(tmp_path, server)
+    worker = feature_worker(tmp_path, server)
     output = run(worker, seed=71, loras=["https://civitai.com/api/download/models/5150?type=Model&token=sekrit-77"])
     assert "error" not in output, output.get("error")
     assert output["loras"][0]["source"] == "https://civitai.com/api/download/models/5150?type=Model"
@@ -83,7 +78,7 @@ def test_a_pasted_civitai_url_token_never_reaches_the_output_or_the_log(worker_h
 
 def test_the_evict_action_refuses_a_pinned_entry(worker_handler, server, tmp_path):
     pinned, other = server.url("/pinned.safetensors"), server.url("/one.safetensors")
-    worker = make_worker(tmp_path, server, pinned_sources=(pinned,), evict_grace_s=0.0)
+    worker = feature_worker(tmp_path, server, pinned_sources=(pinned,), evict_grace_s=0.0)
     worker.preload([other], [pinned])
     result = asyncio.run(worker.run({"id": "evict", "input": {"action": "evict", "loras": [pinned, other]}}))
     assert [entry["status"] for entry in result["loras"]] == ["refused", "evicted"], result
@@ -93,7 +88,7 @@ def test_the_evict_action_refuses_a_pinned_entry(worker_handler, server, tmp_pat
 
 def test_a_pinned_lora_is_preloaded_and_stays_in_ram_while_others_are_evicted(worker_handler, server, tmp_path):
     pinned = server.url("/pinned.safetensors")
-    worker = make_worker(tmp_path, server, ram_budget=1, pinned_sources=(pinned,))
+    worker = feature_worker(tmp_path, server, ram_budget=1, pinned_sources=(pinned,))
     worker.preload([], [pinned])
     for name in ("one", "two"):
         assert run(worker, loras=[server.url(f"/{name}.safetensors")])["loras"][0]["ram_cache_hit"] is False
@@ -103,7 +98,7 @@ def test_a_pinned_lora_is_preloaded_and_stays_in_ram_while_others_are_evicted(wo
 
 
 def test_a_bad_pinned_source_stops_the_start_naming_the_variable(worker_handler, server, tmp_path):
-    worker = make_worker(tmp_path, server)
+    worker = feature_worker(tmp_path, server)
     with pytest.raises(ValueError, match=r"^PINNED_LORAS: PINNED_LORAS\[1\]: 'civitai:' must name a model version"):
         worker.preload([server.url("/one.safetensors")], [server.url("/two.safetensors"), "civitai:x"])
     with pytest.raises(ValueError, match=r"^PRELOAD_LORAS: PRELOAD_LORAS\[0\]: unsupported URL scheme"):
@@ -117,7 +112,7 @@ def test_jobs_without_loras_never_read_the_free_space(worker_handler, server, tm
         reads.append(1)
         return 0
 
-    worker = make_worker(tmp_path, server, free_bytes=full_disk, min_free_bytes=1)
+    worker = feature_worker(tmp_path, server, free_bytes=full_disk, min_free_bytes=1)
     plain = run(worker, seed=71)
     assert reads == [] and "error" not in plain
     refused = run(worker, seed=71, loras=[server.url("/one.safetensors")])

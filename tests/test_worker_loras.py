@@ -8,14 +8,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.settings import CacheSettings
-from sdxl_worker.worker import Worker
-from tests.cache_audit import cache_problems
-from tests.lora_forms import canonical_factors, write_kohya, write_peft_folder, write_sd15_shaped
-from tests.servers.fault_http import FaultServer
-from tests.worker_env import run_through_sdk, small_job
+from tests.support.factories import cache_settings, make_worker
+from tests.support.cache_audit import cache_problems
+from tests.support.lora_forms import canonical_factors, write_kohya, write_peft_folder, write_sd15_shaped
+from tests.support.servers.fault_http import FaultServer
+from tests.support.worker_env import run_through_sdk, small_job
 
 ALL = ("unet", "text_encoder", "text_encoder_2")
 
@@ -77,7 +74,7 @@ def test_a_job_without_loras_is_the_plain_diffusers_call_pixel_for_pixel(worker_
     """What a worker without LoRA support computes: a separately loaded pipeline, called directly."""
     from diffusers import EulerDiscreteScheduler
 
-    from tests.worker_env import image_from_png, png_from_data_uri
+    from tests.support.worker_env import image_from_png, png_from_data_uri
 
     run_through_sdk(worker_handler, small_job(seed=44, loras=[server.url("/style.safetensors")]))  # LoRAs used before
     ours = image_from_png(png_from_data_uri(images_of(run_through_sdk(worker_handler, small_job(seed=44)))[0]))
@@ -129,10 +126,7 @@ def test_malformed_lora_entries_are_reported_with_index_and_field_before_any_dow
 
 
 def test_preloaded_loras_are_in_ram_before_the_first_job(worker_handler, server, tmp_path):
-    from handler import get_worker
-
-    settings = CacheSettings.from_env({"LORA_CACHE_DIR": str(tmp_path), "LORA_ALLOW_PRIVATE_HOSTS": "1"})
-    worker = Worker(get_worker().pipes, LoraCache(settings), LoraRamCache(2 * 1024**3))
+    worker = make_worker(cache_settings(tmp_path))
     worker.preload([server.url("/unet.safetensors")])
     output = asyncio.run(worker.run({"id": "after-preload", "input": small_job(
         loras=[server.url("/unet.safetensors")])}))

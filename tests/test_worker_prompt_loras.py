@@ -12,10 +12,10 @@ from diffusers import StableDiffusionXLPipeline
 
 import sdxl_worker.weights.load as parsing
 from sdxl_worker.request.aliases import load_aliases
-from tests.lora_forms import canonical_factors, write_kohya
-from tests.lora_workers import error_of, output_of, pipes, worker_with  # noqa: F401 - pipes is a fixture
-from tests.servers.fault_http import FaultServer
-from tests.worker_env import PROJECT_ROOT, PYTHON, small_job, subprocess_env
+from tests.support.lora_forms import canonical_factors, write_kohya
+from tests.support.factories import cache_settings, make_worker
+from tests.support.servers.fault_http import FaultServer
+from tests.support.worker_env import PROJECT_ROOT, PYTHON, error_of, output_of, small_job, subprocess_env
 
 ALL = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_META = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
@@ -59,7 +59,7 @@ def server(files):
 
 
 def test_a_tag_gives_the_same_image_as_the_list_entry_with_the_cleaned_prompt(pipes, cache_dir):
-    worker = worker_with(pipes, cache_dir)
+    worker = make_worker(cache_settings(cache_dir))
     tagged = output_of(worker, small_job(seed=51, prompt="a lighthouse at dusk, <lora:style:0.7>"))
     listed = output_of(worker, small_job(seed=51, prompt="a lighthouse at dusk",
                                          loras=[{"path": "style.safetensors", "scale": 0.7}]))
@@ -76,8 +76,8 @@ def test_aliases_from_a_json_string_or_a_file_name_the_same_lora_in_tags_and_lis
     table = {"pixel": {"path": url, "scale": 0.6}}
     alias_file = tmp_path / "aliases.json"
     alias_file.write_text(json.dumps(table))
-    from_string = worker_with(pipes, cache_dir, load_aliases({"LORA_ALIASES": json.dumps(table)}))
-    from_file = worker_with(pipes, cache_dir, load_aliases({"LORA_ALIASES": str(alias_file)}))
+    from_string = make_worker(cache_settings(cache_dir), aliases=load_aliases(json.dumps(table)))
+    from_file = make_worker(cache_settings(cache_dir), aliases=load_aliases(str(alias_file)))
     by_tag = output_of(from_string, small_job(seed=53, prompt="a lighthouse at dusk <lora:pixel>"))
     by_list = output_of(from_file, small_job(seed=53, loras=["pixel"]))
     by_url = output_of(from_file, small_job(seed=53, loras=[{"path": url, "scale": 0.6}]))
@@ -89,7 +89,7 @@ def test_aliases_from_a_json_string_or_a_file_name_the_same_lora_in_tags_and_lis
 
 
 def test_an_unknown_name_is_an_error_before_any_download_and_the_worker_keeps_serving(pipes, cache_dir, server):
-    worker = worker_with(pipes, cache_dir, load_aliases({"LORA_ALIASES": '{"px": "style.safetensors"}'}))
+    worker = make_worker(cache_settings(cache_dir), aliases=load_aliases('{"px": "style.safetensors"}'))
     before = server.count("/other.safetensors")
     message = error_of(worker, small_job(prompt="a cat <lora:nope:0.5>", loras=[server.url("/other.safetensors"),
                                                                                 "missing.pt"]))
@@ -102,7 +102,7 @@ def test_an_unknown_name_is_an_error_before_any_download_and_the_worker_keeps_se
 
 
 def test_metadata_is_reported_per_lora(pipes, cache_dir):
-    output = output_of(worker_with(pipes, cache_dir), small_job(
+    output = output_of(make_worker(cache_settings(cache_dir)), small_job(
         prompt="a cat <lora:modelspec:0.5>", loras=["kohya-meta.safetensors", "no-meta"]))
     assert [report["metadata"] for report in output["loras"]] == [
         {"name": "pixel-cabin", "base_model": "SDXL", "trigger_words": ["ohwx", "pixel art"]},
@@ -116,7 +116,7 @@ def test_a_lora_whose_metadata_names_sd15_is_refused_before_any_tensor_is_read(p
     real_load_file = parsing.load_file
     monkeypatch.setattr(parsing, "load_file", lambda path, *args, **kwargs: (reads.append(path),
                                                                               real_load_file(path, *args, **kwargs))[1])
-    worker = worker_with(pipes, cache_dir)
+    worker = make_worker(cache_settings(cache_dir))
     message = error_of(worker, small_job(prompt="a cat, <lora:sd15-meta:0.8>"))
     assert message == ("prompt <lora:sd15-meta:0.8> (sd15-meta): its metadata says it was trained for SD 1.x "
                        "(ss_base_model_version='sd_v1'), not SDXL; use an SDXL LoRA")
@@ -126,7 +126,7 @@ def test_a_lora_whose_metadata_names_sd15_is_refused_before_any_tensor_is_read(p
 
 
 def test_append_trigger_words_changes_the_prompt_the_model_sees(pipes, cache_dir):
-    worker = worker_with(pipes, cache_dir)
+    worker = make_worker(cache_settings(cache_dir))
     appended = output_of(worker, small_job(seed=52, prompt="a lighthouse, <lora:kohya-meta:0.8>",
                                            append_trigger_words=True))
     written = output_of(worker, small_job(seed=52, prompt="a lighthouse, ohwx, pixel art",

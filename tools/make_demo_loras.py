@@ -8,6 +8,8 @@ Both are kohya-format files, as downloaded from Civitai, generated from fixed se
 
 from __future__ import annotations
 
+import os
+
 import logging
 
 import torch
@@ -22,7 +24,7 @@ LOG = logging.getLogger("make_demo_loras")
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cache_dir = CacheSettings.from_env().cache_dir
+    cache_dir = CacheSettings.from_env(os.environ).cache_dir
     pipe = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model(), torch_dtype=torch.float32)
     everything = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     written = [

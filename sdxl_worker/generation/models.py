@@ -7,13 +7,13 @@ Selection (logged at start):
 - unset: the models baked into the Docker image by ``download_weights.py`` when its manifest
   (``BAKED_MODELS_MANIFEST``, default ``/models/baked-models.json``) exists, loaded offline; else the embedded one.
 ``SDXL_DTYPE`` (auto|float16|bfloat16|float32) overrides the dtype; auto is float16 on CUDA, float32 on CPU.
+The variables are read by ``sdxl_worker.settings`` (``ModelSettings``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from sdxl_worker.generation.tiny_model import ensure_tiny_model
+from sdxl_worker.settings import ModelSettings
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_BAKED_MANIFEST = Path("/models/baked-models.json")
 TINY_MODEL_NAME = "tiny"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -59,45 +59,28 @@ def _embedded_choice() -> ModelChoice:
     return ModelChoice(base=str(ensure_tiny_model()), refiner=None, vae=None, origin="embedded", offline=True)
 
 
-def choose_models(env: dict[str, str] | None = None) -> ModelChoice:
-    """Decide which models to serve from the environment (see the module docstring)."""
-    env = dict(os.environ) if env is None else env
-    requested = env.get("SDXL_MODEL", "").strip()
+def choose_models(settings: ModelSettings) -> ModelChoice:
+    """Decide which models to serve (see the module docstring)."""
+    requested = settings.sdxl_model
     if requested == TINY_MODEL_NAME:
         return _embedded_choice()
     if requested:
-        return ModelChoice(
-            base=requested,
-            refiner=env.get("REFINER_MODEL", "").strip() or None,
-            vae=env.get("SDXL_VAE", "").strip() or None,
-            origin="env",
-            offline=Path(requested).is_dir(),
-        )
-    manifest_path = Path(env.get("BAKED_MODELS_MANIFEST", str(DEFAULT_BAKED_MANIFEST)))
-    if manifest_path.is_file():
-        baked = json.loads(manifest_path.read_text())
-        refiner = env.get("REFINER_MODEL", baked.get("refiner") or "").strip() or None
-        return ModelChoice(
-            base=baked["base"],
-            refiner=refiner,
-            vae=baked.get("vae"),
-            origin="baked",
-            offline=True,
-            variant=baked.get("variant"),
-        )
+        return ModelChoice(base=requested, refiner=settings.refiner_model or None, vae=settings.vae, origin="env",
+                           offline=Path(requested).is_dir())
+    if settings.baked_manifest.is_file():
+        baked = json.loads(settings.baked_manifest.read_text())
+        refiner = baked.get("refiner") if settings.refiner_model is None else settings.refiner_model
+        return ModelChoice(base=baked["base"], refiner=refiner or None, vae=baked.get("vae"), origin="baked",
+                           offline=True, variant=baked.get("variant"))
     return _embedded_choice()
 
 
-def pick_device_and_dtype(env: dict[str, str] | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA with float16 when available, else CPU with float32; ``SDXL_DTYPE`` overrides the dtype."""
-    env = dict(os.environ) if env is None else env
+def pick_device_and_dtype(dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA with float16 when available, else CPU with float32; ``dtype`` (``SDXL_DTYPE``) overrides the dtype."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    requested = env.get("SDXL_DTYPE", "auto").strip().lower()
-    if requested == "auto":
+    if dtype == "auto":
         return device, torch.float16 if device.type == "cuda" else torch.float32
-    if requested not in _DTYPES:
-        raise ValueError(f"SDXL_DTYPE must be auto, float16, bfloat16 or float32, got {requested!r}")
-    return device, _DTYPES[requested]
+    return device, _DTYPES[dtype]
 
 
 def load_pipelines(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> Pipelines:

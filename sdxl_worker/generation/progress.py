@@ -8,11 +8,12 @@ it) sets; locally the updates are only logged. Denoising updates are throttled t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 import runpod
+
+from sdxl_worker.settings import RuntimeSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -20,10 +21,10 @@ LOG = logging.getLogger(__name__)
 class JobProgress:
     """Progress reporter bound to one job."""
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], settings: RuntimeSettings) -> None:
         self._job = job
-        self._remote = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
-        self._interval = float(os.environ.get("PROGRESS_INTERVAL_S", "1.0"))
+        self._remote = settings.progress_remote
+        self._interval = settings.progress_interval_s
         self._last_sent = 0.0
 
     def send(self, update: dict[str, Any]) -> None:

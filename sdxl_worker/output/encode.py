@@ -2,14 +2,14 @@
 
 Upload is on when ``BUCKET_ENDPOINT_URL`` is set; ``BUCKET_ACCESS_KEY_ID`` and ``BUCKET_SECRET_ACCESS_KEY`` must
 then be set too (the SDK would otherwise save to a local folder and return a local path, silently).
-``BUCKET_NAME`` picks the bucket (the SDK's default is the month, ``MM-YY``).
+``BUCKET_NAME`` picks the bucket (the SDK's default is the month, ``MM-YY``). The variables are read once by
+``sdxl_worker.settings`` (``UploadSettings``); ``rp_upload`` reads the credentials from the environment itself.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
 import tempfile
 from pathlib import Path
 
@@ -17,15 +17,14 @@ from PIL import Image
 from runpod.serverless.utils import rp_upload
 
 from sdxl_worker.errors import JobError
+from sdxl_worker.settings import UploadSettings
 
-_BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
 
-
-def upload_enabled() -> bool:
+def upload_enabled(settings: UploadSettings) -> bool:
     """True when images go to a bucket; raises ``JobError`` when the bucket settings are incomplete."""
-    if not os.environ.get("BUCKET_ENDPOINT_URL"):
+    if not settings.endpoint_url:
         return False
-    missing = [name for name in _BUCKET_VARS if not os.environ.get(name)]
+    missing = settings.missing
     if missing:
         raise JobError(f"BUCKET_ENDPOINT_URL is set but {', '.join(missing)} is not: images cannot be uploaded")
     return True
@@ -38,14 +37,14 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def encode_images(images: list[Image.Image], job_id: str) -> list[str]:
-    """Data URIs, or presigned URLs of the uploaded PNGs when ``upload_enabled()``."""
-    if not upload_enabled():
+def encode_images(images: list[Image.Image], job_id: str, settings: UploadSettings) -> list[str]:
+    """Data URIs, or presigned URLs of the uploaded PNGs when ``upload_enabled(settings)``."""
+    if not upload_enabled(settings):
         return ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii") for image in images]
     urls = []
     with tempfile.TemporaryDirectory(prefix="sdxl-upload-") as folder:
         for index, image in enumerate(images):
             path = Path(folder) / f"{index}.png"
             path.write_bytes(png_bytes(image))
-            urls.append(rp_upload.upload_image(job_id, str(path), bucket_name=os.environ.get("BUCKET_NAME") or None))
+            urls.append(rp_upload.upload_image(job_id, str(path), bucket_name=settings.bucket_name))
     return urls

@@ -16,7 +16,6 @@ starts; any problem stops it with a message naming ``LORA_ALIASES``.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -77,10 +76,9 @@ def parse_aliases(data: Any) -> dict[str, dict[str, Any]]:
     return aliases
 
 
-def load_aliases(env: Mapping[str, str] | None = None) -> Mapping[str, Mapping[str, Any]]:
-    """The aliases of ``LORA_ALIASES`` (none when unset or empty), read-only."""
-    env = os.environ if env is None else env
-    raw = env.get(VARIABLE, "").strip()
+def load_aliases(value: str) -> Mapping[str, Mapping[str, Any]]:
+    """The aliases of a ``LORA_ALIASES`` value (none when empty), read-only."""
+    raw = value.strip()
     aliases = parse_aliases(_read_variable(raw)) if raw else {}
     return MappingProxyType(aliases)
 

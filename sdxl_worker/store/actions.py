@@ -1,5 +1,5 @@
 """Cache management through the job endpoint: ``{"input": {"action": "list_loras" | "prefetch" | "evict" |
-"cache_stats", ...}}``, each checked against its own schema (``schemas.ACTION_SCHEMAS``) like a job.
+"cache_stats", ...}}``, each checked against its own schema (``request.schema.ACTION_SCHEMAS``) like a job.
 
 - ``list_loras``: downloaded entries (key, source without secrets, name, size, sha256, times, whether in use,
   metadata), LoRA files and PEFT folders placed by hand (name, size, metadata; sha256 only when this process already
@@ -25,7 +25,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from schemas import ACTION_SCHEMAS, ACTIONS, MAX_ACTION_LORAS
+from sdxl_worker.request.schema import ACTION_SCHEMAS, ACTIONS, MAX_ACTION_LORAS
 from sdxl_worker.errors import InputError, LoraError
 from sdxl_worker.request.aliases import shown_aliases
 from sdxl_worker.store.cache import LoraCache

@@ -158,11 +158,6 @@ class LoraCache:
             LOG.warning("LoRA cache not ready: %s; jobs that fetch LoRAs fail until it is",
                         describe_disk_error(error, self.root))
 
-    @classmethod
-    def from_env(cls) -> LoraCache:
-        """A cache configured by the environment (``CacheSettings.from_env``)."""
-        return cls(CacheSettings.from_env())
-
     def _prepare(self) -> None:
         """Create the internal folders and remove leftovers; fetching retries this until it succeeds."""
         for folder in (".locks", ".leases"):

@@ -11,7 +11,6 @@ recently loaded unpinned LoRA is kept beside them (a warning says so).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from typing import Callable, Iterable
@@ -19,7 +18,6 @@ from typing import Callable, Iterable
 from sdxl_worker.weights.load import ParsedLora
 
 LOG = logging.getLogger(__name__)
-GIB = 1024**3
 
 
 class LoraRamCache:
@@ -33,18 +31,6 @@ class LoraRamCache:
         self._pinned: set[str] = set()
         self.hits = 0
         self.misses = 0
-
-    @classmethod
-    def from_env(cls) -> "LoraRamCache":
-        """Budget from ``LORA_RAM_CACHE_GB``."""
-        raw = os.environ.get("LORA_RAM_CACHE_GB", "2").strip() or "2"
-        try:
-            budget = float(raw)
-        except ValueError:
-            raise ValueError(f"LORA_RAM_CACHE_GB must be a number of GiB, got {raw!r}") from None
-        if budget < 0:
-            raise ValueError(f"LORA_RAM_CACHE_GB must not be negative, got {raw!r}")
-        return cls(int(budget * GIB))
 
     @property
     def nbytes(self) -> int:

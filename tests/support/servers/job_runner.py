@@ -1,8 +1,8 @@
 """Run as a subprocess: one worker (``handler.handler``) serves the job inputs of a JSON file, in order, through the
 runpod SDK's ``run_job``, and writes the results as a JSON list.
 
-``python -m tests.servers.job_runner JOBS_JSON OUT_JSON [--go GO_FILE] [--no-dac-override]``. The worker is
-configured by the environment (``tests.worker_env.subprocess_env``). With ``--go``, the worker loads its models,
+``python -m tests.support.servers.job_runner JOBS_JSON OUT_JSON [--go GO_FILE] [--no-dac-override]``. The worker is
+configured by the environment (``tests.support.worker_env.subprocess_env``). With ``--go``, the worker loads its models,
 writes ``OUT_JSON.ready`` and waits for ``GO_FILE`` to exist before the first job, so that a test can start several
 workers at once and release them in the order it needs. With ``--no-dac-override``, a root process first drops the
 capabilities that let it ignore file permissions (``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``, ``CAP_FOWNER``) from
@@ -32,7 +32,7 @@ def drop_permission_overrides_and_reexec(args: list[str]) -> None:
         if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"cannot drop capability {capability}: {os.strerror(code)}")
-    os.execv(sys.executable, [sys.executable, "-m", "tests.servers.job_runner", *args])
+    os.execv(sys.executable, [sys.executable, "-m", "tests.support.servers.job_runner", *args])
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     options = parser.parse_args(args)
 
     import handler
-    from tests.worker_env import run_through_sdk
+    from tests.support.worker_env import run_through_sdk
 
     handler.configure_logging()
     if options.go is not None:

@@ -8,7 +8,7 @@ import hashlib
 import json
 from typing import Any
 
-from tests.servers.fault_http import FaultServer
+from tests.support.servers.fault_http import FaultServer
 
 
 class FakeCivitai:

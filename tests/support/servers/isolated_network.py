@@ -2,7 +2,7 @@
 both local, with the default rule (``LORA_ALLOW_PRIVATE_HOSTS`` off), so a first hop can be allowed for real and
 its redirect to an internal address refused for real.
 
-``python -m tests.servers.isolated_network LORA_FILE WORK_DIR``: writes ``WORK_DIR/result.json``.
+``python -m tests.support.servers.isolated_network LORA_FILE WORK_DIR``: writes ``WORK_DIR/result.json``.
 
 The namespace (Linux ``unshare``: network and mount, plus a user namespace when not root) has only a loopback
 interface, on which ``PUBLIC`` (a global address) and ``INTERNAL`` (a private one) are added; nothing in it can
@@ -82,9 +82,9 @@ def run_jobs(lora: bytes, work: Path) -> dict:
     """The worker's answers to each job, what the servers saw, and the cache audit."""
     os.environ.update(SDXL_MODEL="tiny", LORA_CACHE_DIR=str(work / "cache"), LORA_ALLOW_PRIVATE_HOSTS="0")
     import handler
-    from tests.cache_audit import cache_problems, entry_keys
-    from tests.servers.fault_http import FaultServer
-    from tests.worker_env import run_through_sdk, small_job
+    from tests.support.cache_audit import cache_problems, entry_keys
+    from tests.support.servers.fault_http import FaultServer
+    from tests.support.worker_env import run_through_sdk, small_job
 
     with FaultServer(host=PUBLIC) as public, FaultServer(host="0.0.0.0") as internal:
         internal.route("/secret.safetensors", body=lora)

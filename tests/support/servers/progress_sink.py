@@ -10,7 +10,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler
 
-from tests.servers.background import BackgroundServer
+from tests.support.servers.background import BackgroundServer
 from typing import Any
 
 

@@ -1,7 +1,7 @@
 """Run as a subprocess, inside a private mount namespace whose cache folder is a small tmpfs: resolve URLs in order
 through ``LoraCache`` with the free-disk floor, and print one JSON line per URL.
 
-``python -m tests.servers.floor_child CACHE_DIR MIN_FREE_BYTES PINNED URL...``: ``PINNED`` is a comma-separated
+``python -m tests.support.servers.floor_child CACHE_DIR MIN_FREE_BYTES PINNED URL...``: ``PINNED`` is a comma-separated
 ``PINNED_LORAS`` value. Each line holds ``source``, ``ok``, ``error``, ``entries`` (the cache's downloaded entries
 after that URL) and ``free`` (``shutil.disk_usage``, the real free space of the tmpfs).
 """

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.servers.background import BackgroundServer
+from tests.support.servers.background import BackgroundServer
 
 
 @dataclass

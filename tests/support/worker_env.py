@@ -19,9 +19,8 @@ import requests
 from PIL import Image
 from runpod.serverless.modules.rp_job import run_job
 
-from sdxl_worker.settings import CacheSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_URI_PREFIX = "data:image/png;base64,"
 SMALL_JOB: dict[str, Any] = {
     "prompt": "a lighthouse at dusk",
@@ -37,14 +36,6 @@ SMALL_JOB: dict[str, Any] = {
 def small_job(**overrides: Any) -> dict[str, Any]:
     """A fast job input for the tiny model, with ``overrides`` applied."""
     return {**SMALL_JOB, **overrides}
-
-
-def fast_cache_settings(cache_dir: Path, **overrides: Any) -> CacheSettings:
-    """LoRA cache settings for fault tests: servers on 127.0.0.1 allowed, short timeouts, quick retries (2)."""
-    options: dict[str, Any] = {"cache_dir": cache_dir, "allow_private_hosts": True, "connect_timeout_s": 2.0,
-                               "read_timeout_s": 1.5, "download_retries": 2, "retry_backoff_s": 0.05,
-                               "retry_wait_max_s": 2.0, **overrides}
-    return CacheSettings(**options)
 
 
 def run_through_sdk(handler, job_input: Any, job_id: str = "test-job") -> dict[str, Any]:
@@ -115,3 +106,17 @@ def local_api(folder: Path, env: dict[str, str],
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=30)
+
+
+def output_of(worker, job_input: dict[str, Any]) -> dict[str, Any]:
+    """Run one job through the runpod SDK's ``run_job``; the output, failing on an error."""
+    result = run_through_sdk(worker.run, job_input)
+    assert "error" not in result, result["error"]
+    return result["output"]
+
+
+def error_of(worker, job_input: dict[str, Any]) -> str:
+    """Run one job through the SDK; its error message, failing when it succeeds."""
+    result = run_through_sdk(worker.run, job_input)
+    assert "error" in result and "output" not in result, result
+    return result["error"]

@@ -1,0 +1,1 @@
+"""7. Encode: images -> data URIs, or uploads through the runpod SDK."""
