@@ -5,8 +5,9 @@
 - Redirects are followed by hand (at most 10); every hop passes ``url_safety.check_url`` and connections are made
   through ``url_safety.guarded_session``. ``Authorization`` is recomputed per hop, so a token never follows a
   redirect to another host.
-- Connect/read timeouts; retries with exponential backoff (with jitter) on connection errors, timeouts, broken or
-  short bodies, 408, 429 and 5xx, honouring ``Retry-After`` (seconds or a date) capped at ``retry_wait_max_s``.
+- Connect/read timeouts; retries (``retry.with_retries``: exponential backoff with jitter) on connection errors,
+  timeouts, broken or short bodies, 408, 429 and 5xx, honouring ``Retry-After`` (seconds or a date) capped at
+  ``retry_wait_max_s``.
 - Size limit ``max_bytes``: checked against ``Content-Length`` before the body and while streaming.
 - ``CIVITAI_TOKEN`` goes only to Civitai hosts (``civitai.com``, ``civitai.green`` and their subdomains) and the
   ``CIVITAI_API_BASE`` host, ``HF_TOKEN`` only to the ``HF_ENDPOINT`` host, both as ``Authorization: Bearer``.
@@ -19,14 +20,10 @@ Failures raise ``LoraError`` with the cause only; callers add which LoRA or fiel
 from __future__ import annotations
 
 import email.message
-import email.utils
 import http.client
 import logging
-import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
@@ -38,6 +35,7 @@ from sdxl_worker.errors import LoraError
 from sdxl_worker.net.chunk_writer import ChunkWriter
 from sdxl_worker.request.civitai_refs import is_civitai_host
 from sdxl_worker.net.redact import QueryRedactingFilter, public_url, redact_url
+from sdxl_worker.net.retry import Failure, retry_after_s, with_retries
 from sdxl_worker.settings import CacheSettings
 from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.net.url_safety import check_url, guarded_session
@@ -68,7 +66,7 @@ class DownloadInfo:
 
 
 class Retryable(Exception):
-    """A failure worth another attempt (``with_retries``); ``wait_s`` is the server's ``Retry-After``, if any."""
+    """A failure worth another attempt (``retry_http``); ``wait_s`` is the server's ``Retry-After``, if any."""
 
     def __init__(self, cause: str, wait_s: float | None = None) -> None:
         super().__init__(cause)
@@ -108,19 +106,6 @@ def _status_message(status: int, url: str, settings: CacheSettings) -> str:
     if status in (404, 410):
         return f"not found (HTTP {status}): {shown}"
     return f"HTTP {status} from {shown}"
-
-
-def _retry_after(value: str | None, cap_s: float) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), cap_s)
 
 
 def disposition_filename(value: str | None) -> str | None:
@@ -190,8 +175,7 @@ def check_status(response: requests.Response, url: str, settings: CacheSettings)
     variable on 401/403)."""
     status = response.status_code
     if status in (408, 429) or status >= 500:
-        raise Retryable(f"HTTP {status} from {redact_url(url)}",
-                        _retry_after(response.headers.get("Retry-After"), settings.retry_wait_max_s))
+        raise Retryable(f"HTTP {status} from {redact_url(url)}", retry_after_s(response.headers.get("Retry-After")))
     if status != 200:
         raise LoraError(_status_message(status, url, settings))
 
@@ -229,28 +213,18 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
                         etag=response.headers.get("ETag"), final_url=public_url(final_url))
 
 
-def with_retries(call: Callable[[], T], url: str, settings: CacheSettings) -> T:
-    """``call()``, again after ``Retryable`` with backoff and jitter (or the server's ``Retry-After``), at most
-    ``download_retries`` more times; then ``LoraError``."""
-    attempts, attempt = settings.download_retries + 1, 1
-    while True:
-        try:
-            return call()
-        except Retryable as retry:
-            if attempt >= attempts:
-                raise LoraError(f"{retry.cause}; gave up after {attempts} attempts") from None
-            delay = retry.wait_s
-            if delay is None:
-                delay = min(settings.retry_backoff_s * 2 ** (attempt - 1), settings.retry_wait_max_s)
-                delay *= random.uniform(0.8, 1.2)
-            LOG.info("request to %s: %s; retry %d of %d in %.1f s", redact_url(url), retry.cause, attempt,
-                     attempts - 1, delay)
-            time.sleep(delay)
-            attempt += 1
+def _http_failure(error: Exception) -> Failure | None:
+    """A ``Retryable`` as a retryable failure; every other exception is already final and passes through."""
+    return Failure(error.cause, True, error.wait_s) if isinstance(error, Retryable) else None
+
+
+def retry_http(call: Callable[[], T], url: str, settings: CacheSettings) -> T:
+    """``call()``, again after ``Retryable`` (``retry.with_retries``); then ``LoraError``."""
+    return with_retries(call, _http_failure, settings, f"request to {redact_url(url)}")
 
 
 def download_url(url: str, target: Path, settings: CacheSettings,
                  progress: ByteProgress | None = None) -> DownloadInfo:
     """Download ``url`` into ``target`` (created or truncated) under the rules of the module docstring."""
     with guarded_session(settings.allow_private_hosts) as session:
-        return with_retries(lambda: _attempt(session, url, target, settings, progress), url, settings)
+        return retry_http(lambda: _attempt(session, url, target, settings, progress), url, settings)

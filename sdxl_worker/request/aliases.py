@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sdxl_worker.net.redact import public_source
-from sdxl_worker.request.entries import LoraRequest, parse_entry
+from sdxl_worker.request.entries import LoraRequest, SourceKind, parse_entry
 
 VARIABLE = "LORA_ALIASES"
 MAX_ALIAS_CHARS = 100
@@ -92,7 +92,7 @@ def unknown_name_errors(requests: list[LoraRequest], exists: Callable[[str], boo
     """One message per cache-name request for which ``exists(name)`` is false (checked before any download)."""
     errors = []
     for request in requests:
-        if request.kind == "cache" and not exists(request.source):
+        if request.kind is SourceKind.CACHE and not exists(request.source):
             errors.append(f"{request.ref}: unknown LoRA '{request.source}': not an alias in {VARIABLE} and no such "
                           f"file or folder in the LoRA cache")
     return errors

@@ -28,6 +28,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,27 +48,35 @@ _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,199}$")
 
 
-def source_kind(source: str) -> str:
-    """``"civitai"``, ``"url"``, ``"hf"`` or ``"cache"`` for a source string; ``ValueError`` (the reason) if it is
-    none of them."""
+class SourceKind(StrEnum):
+    """Where a source string leads (see the module docstring); the values are what logs and cache keys hold."""
+
+    CIVITAI = "civitai"
+    URL = "url"
+    HF = "hf"
+    CACHE = "cache"
+
+
+def source_kind(source: str) -> SourceKind:
+    """The ``SourceKind`` of a source string; ``ValueError`` (the reason) if it is none of them."""
     if civitai_ref(source) is not None:
-        return "civitai"
+        return SourceKind.CIVITAI
     if "://" in source:
         scheme = source.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme '{scheme}' (only http and https)")
         if not urlsplit(source).hostname:
             raise ValueError("the URL has no host")
-        return "url"
+        return SourceKind.URL
     if "/" in source:
         if _HF_REPO.match(source) and ".." not in source and "--" not in source:
-            return "hf"
+            return SourceKind.HF
         raise ValueError("must be an http(s) URL, a Hugging Face repo 'owner/repo', a Civitai source or a cache entry "
                          "name")
     problem = cache_name_problem(source)
     if problem:
         raise ValueError(problem)
-    return "cache"
+    return SourceKind.CACHE
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,8 @@ class LoraRequest:
         return self.origin or f"loras[{self.index}]"
 
     @property
-    def kind(self) -> str:
-        """``"civitai"``, ``"url"``, ``"hf"`` or ``"cache"`` (see the module docstring)."""
+    def kind(self) -> SourceKind:
+        """Where the source leads (see the module docstring)."""
         return source_kind(self.source)
 
     @property
@@ -98,7 +107,8 @@ class LoraRequest:
         """What makes two requests the same LoRA: kind, normalized source (a Civitai version id for every Civitai
         form), weight name, revision."""
         kind = self.kind
-        normalizers = {"url": public_url, "hf": str.lower, "civitai": _civitai_version, "cache": _cache_stem}
+        normalizers = {SourceKind.URL: public_url, SourceKind.HF: str.lower, SourceKind.CIVITAI: _civitai_version,
+                       SourceKind.CACHE: _cache_stem}
         normalized = normalizers[kind](self.source)
         return kind, normalized, self.weight_name or "", self.revision or ""
 
@@ -225,7 +235,7 @@ def parse_entry(index: int, raw: Any, errors: list[str], where: str | None = Non
     sha256 = _check_text(raw.get("sha256"), f"{where}.sha256", errors, _SHA256, "64 hexadecimal digits")
     name = _check_text(raw.get("name"), f"{where}.name", errors, None,
                        f"a non-empty string of at most {MAX_NAME_CHARS} characters")
-    if source is not None and source_kind(source) != "hf":
+    if source is not None and source_kind(source) is not SourceKind.HF:
         for key in ("weight_name", "revision"):
             if raw.get(key) is not None:
                 errors.append(f"{where}.{key}: only applies to Hugging Face repos ('owner/repo')")

@@ -1,4 +1,4 @@
-"""A Civitai model version -> the file to download and what to check it against, through Civitai's REST API.
+"""The Civitai source: a model version -> its file through Civitai's REST API, then the download of that file.
 
 ``GET {CIVITAI_API_BASE}/api/v1/model-versions/{versionId}`` answers with ``baseModel``, ``trainedWords``,
 ``model`` (``name``, ``type``) and ``files`` (``name``, ``type``, ``primary``, ``sizeKB``, ``hashes.SHA256``,
@@ -7,8 +7,11 @@
 ``SDXL_BASE_MODELS``, a version without a model file, a file over ``LORA_MAX_BYTES`` by ``sizeKB``.
 
 The chosen file is the version's ``Model`` file, a SafeTensor one first, the primary one first among equals. Its
-published SHA256 (lower-cased) is what the download must hash to. The API base is trusted like ``HF_ENDPOINT``
-(private addresses allowed, cloud metadata addresses never); retries, timeouts and tokens follow ``http_download``.
+published SHA256 (lower-cased) is what the download must hash to (and a requested ``sha256`` must equal it, checked
+before downloading). The API base is trusted like ``HF_ENDPOINT`` (private addresses allowed, cloud metadata
+addresses never); retries, timeouts and tokens follow ``net.download``. A token in the job's source (a pasted
+download URL's ``?token=``) replaces ``CIVITAI_TOKEN`` for that download and is kept out of every message. The entry
+records ``civitai:<versionId>`` as its source, with the version's trained words and base model.
 """
 
 from __future__ import annotations
@@ -17,16 +20,29 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import requests
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.net.download import Retryable, check_status, open_url, with_retries
+from sdxl_worker.net.download import (
+    ByteProgress,
+    Retryable,
+    check_status,
+    download_url,
+    open_url,
+    retry_http,
+    url_filename,
+)
 from sdxl_worker.net.redact import redact_url
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.net.url_safety import guarded_session
+from sdxl_worker.request.civitai_refs import civitai_ref
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.sources.base import Fetched, Source, first_name, stage_weights
+from sdxl_worker.store.file_checks import choose_extension
 
 SDXL_BASE_MODELS = ("SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo", "SDXL Lightning",
                     "SDXL Hyper", "Pony", "Illustrious", "NoobAI")
@@ -138,5 +154,35 @@ def fetch_version_file(version_id: int, settings: CacheSettings) -> CivitaiFile:
     url = version_url(settings, version_id)
     trusted = dataclasses.replace(settings, allow_private_hosts=True)
     with guarded_session(True) as session:
-        data = with_retries(lambda: _get_json(session, url, trusted, version_id), url, settings)
+        data = retry_http(lambda: _get_json(session, url, trusted, version_id), url, settings)
     return choose_file(version_id, data, settings.max_bytes)
+
+
+class CivitaiSource(Source):
+    """``Source`` for Civitai model versions (every form ``civitai_refs`` reads)."""
+
+    def fetch(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> Fetched:
+        """Look the version up, download its file into ``staged`` and check it against the published sha256."""
+        ref = civitai_ref(request.source)
+        settings = dataclasses.replace(self.settings, civitai_token=ref.token) if ref.token else self.settings
+        file = fetch_version_file(ref.version_id, settings)
+        if request.sha256 and file.sha256 and request.sha256 != file.sha256:
+            raise LoraError(f"sha256 mismatch: expected {request.sha256}, Civitai publishes {file.sha256} for model "
+                            f"version {ref.version_id}")
+        if file.size_bytes is not None:
+            progress(0, file.size_bytes)  # the free-disk floor, before connecting to the file's host
+        part = work / "download.part"
+        info = download_url(file.download_url, part, settings, progress)
+        if file.sha256 and info.sha256 != file.sha256:
+            raise LoraError(f"the download does not match the sha256 Civitai publishes for model version "
+                            f"{ref.version_id} (expected {file.sha256}, got {info.sha256}); nothing was cached")
+        names = (file.name, info.filename, url_filename(info.final_url))
+        name = stage_weights(part, staged, choose_extension(part, *names))
+        return Fetched(kind="file", path=name, weights=name, sha256=info.sha256, display_name=first_name(names),
+                       source=f"civitai:{ref.version_id}", etag=info.etag, trigger_words=file.trigger_words,
+                       base_model=file.base_model)
+
+    def secrets(self, request: LoraRequest) -> tuple[str, ...]:
+        """The token of a pasted Civitai URL, if the source has one."""
+        ref = civitai_ref(request.source)
+        return (ref.token,) if ref and ref.token else ()

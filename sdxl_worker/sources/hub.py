@@ -1,4 +1,4 @@
-"""Fetch a LoRA from a Hugging Face repo with ``huggingface_hub``, into a work folder the caller owns.
+"""The Hugging Face source: fetch a LoRA from a repo with ``huggingface_hub``, into a work folder the cache owns.
 
 - One listing call, ``HfApi.model_info(files_metadata=True)`` (``/api/models/{repo}[/revision/{rev}]``), gives the
   file names, sizes, LFS sha256 and the commit; the downloads are pinned to that commit.
@@ -10,16 +10,17 @@
   found on disk) are passed explicitly.
 - Sizes over ``max_bytes`` are refused from the listing, and while streaming. A file's sha256 must match the LFS
   sha256 of the listing.
-- Connection errors, timeouts, 429 and 5xx are retried with backoff, ``download_retries`` times.
+- Connection errors, timeouts, 429 and 5xx are retried with backoff, ``download_retries`` times
+  (``retry.with_retries``).
+- ``HubSource`` stores a file as the entry's ``weights.<ext>``, a PEFT folder (checked by ``file_checks``) as its
+  ``adapter/``; the entry records the repo id, the commit and the weights file's LFS sha256 or blob id.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import random
+import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +39,20 @@ from huggingface_hub.errors import (
 )
 
 from sdxl_worker.errors import LoraError
+from sdxl_worker.net.download import ByteProgress
+from sdxl_worker.net.retry import Failure, with_retries
+from sdxl_worker.net.transfer_progress import format_size
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.sources.base import Fetched, Source, stage_weights
 from sdxl_worker.store.file_checks import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     WEIGHT_EXTENSIONS,
+    peft_weights,
     sha256_file,
 )
-from sdxl_worker.settings import CacheSettings
-from sdxl_worker.net.transfer_progress import format_size
 
-LOG = logging.getLogger(__name__)
-ByteProgress = Callable[[int, int | None], None]
 T = TypeVar("T")
 
 
@@ -97,53 +101,45 @@ def _token_hint(settings: CacheSettings) -> str:
             else "set HF_TOKEN to a token with access")
 
 
-def _describe(error: BaseException, repo_id: str, settings: CacheSettings) -> tuple[str, bool]:
-    """``(message, retryable)`` for an error of huggingface_hub or its HTTP client."""
+def _describe(error: BaseException, repo_id: str, settings: CacheSettings) -> Failure:
+    """What an error of huggingface_hub or its HTTP client means: its message and whether to retry."""
     if isinstance(error, GatedRepoError):
-        return f"'{repo_id}' is a gated repo: accept its conditions on the Hub and {_token_hint(settings)}", False
+        return Failure(f"'{repo_id}' is a gated repo: accept its conditions on the Hub and {_token_hint(settings)}",
+                       False)
     if isinstance(error, RepositoryNotFoundError):
-        return f"repo '{repo_id}' not found, or private/gated and {_token_hint(settings)}", False
+        return Failure(f"repo '{repo_id}' not found, or private/gated and {_token_hint(settings)}", False)
     if isinstance(error, RevisionNotFoundError):
-        return f"revision not found in '{repo_id}'", False
+        return Failure(f"revision not found in '{repo_id}'", False)
     if isinstance(error, RemoteEntryNotFoundError):
-        return f"file not found in '{repo_id}'", False
+        return Failure(f"file not found in '{repo_id}'", False)
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         if status in (401, 403):
-            return f"access denied (HTTP {status}) to '{repo_id}': {_token_hint(settings)}", False
-        return f"the Hub answered HTTP {status} for '{repo_id}'", status in (408, 429) or status >= 500
+            return Failure(f"access denied (HTTP {status}) to '{repo_id}': {_token_hint(settings)}", False)
+        return Failure(f"the Hub answered HTTP {status} for '{repo_id}'", status in (408, 429) or status >= 500)
     if isinstance(error, FileMetadataError):
-        return f"{settings.hf_endpoint} did not answer like a Hugging Face Hub (no X-Repo-Commit or ETag)", False
+        return Failure(f"{settings.hf_endpoint} did not answer like a Hugging Face Hub (no X-Repo-Commit or ETag)",
+                       False)
     if isinstance(error, LocalEntryNotFoundError):
         if error.__cause__ is not None:
             return _describe(error.__cause__, repo_id, settings)
-        return f"cannot reach the Hub at {settings.hf_endpoint}", True
+        return Failure(f"cannot reach the Hub at {settings.hf_endpoint}", True)
     if isinstance(error, httpx2.TimeoutException):
-        return f"timed out talking to the Hub at {settings.hf_endpoint}", True
+        return Failure(f"timed out talking to the Hub at {settings.hf_endpoint}", True)
     if isinstance(error, httpx2.TransportError):
-        return f"cannot connect to the Hub at {settings.hf_endpoint} ({type(error).__name__})", True
+        return Failure(f"cannot connect to the Hub at {settings.hf_endpoint} ({type(error).__name__})", True)
     if isinstance(error, OSError):
-        return f"the download from '{repo_id}' failed ({type(error).__name__})", True
-    return f"unexpected error fetching '{repo_id}' ({type(error).__name__})", False
+        return Failure(f"the download from '{repo_id}' failed ({type(error).__name__})", True)
+    return Failure(f"unexpected error fetching '{repo_id}' ({type(error).__name__})", False)
 
 
-def _with_retries(call: Callable[[], T], repo_id: str, settings: CacheSettings) -> T:
-    attempts, attempt = settings.download_retries + 1, 1
-    while True:
-        try:
-            return call()
-        except LoraError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every failure becomes a LoraError naming the cause
-            message, retryable = _describe(error, repo_id, settings)
-            if not retryable or attempt >= attempts:
-                suffix = f"; gave up after {attempts} attempts" if retryable else ""
-                raise LoraError(message + suffix) from None
-            delay = min(settings.retry_backoff_s * 2 ** (attempt - 1), settings.retry_wait_max_s)
-            delay *= random.uniform(0.8, 1.2)
-            LOG.info("Hub fetch of %s: %s; retry %d of %d in %.1f s", repo_id, message, attempt, attempts - 1, delay)
-            time.sleep(delay)
-            attempt += 1
+def _call_hub(call: Callable[[], T], repo_id: str, settings: CacheSettings) -> T:
+    """``call()`` with retries; any error but a ``LoraError`` becomes one naming the cause (``_describe``)."""
+
+    def classify(error: Exception) -> Failure | None:
+        return None if isinstance(error, LoraError) else _describe(error, repo_id, settings)
+
+    return with_retries(call, classify, settings, f"Hub fetch of {repo_id}")
 
 
 def _listing(names: list[str]) -> str:
@@ -179,8 +175,8 @@ def fetch_from_hub(repo_id: str, revision: str | None, weight_name: str | None, 
     """Download the LoRA of ``repo_id`` into ``workdir`` (which must be empty) and return what was fetched."""
     token: str | bool = settings.hf_token or False
     api = HfApi(endpoint=settings.hf_endpoint, token=token, library_name="sdxl-worker")
-    info = _with_retries(lambda: api.model_info(repo_id, revision=revision, files_metadata=True,
-                                                timeout=settings.read_timeout_s), repo_id, settings)
+    info = _call_hub(lambda: api.model_info(repo_id, revision=revision, files_metadata=True,
+                                            timeout=settings.read_timeout_s), repo_id, settings)
     siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
     kind, files, weights_name = choose_files(sorted(siblings), weight_name, repo_id)
     total = sum((siblings[name].lfs.size if siblings[name].lfs else siblings[name].size) or 0 for name in files)
@@ -191,7 +187,7 @@ def fetch_from_hub(repo_id: str, revision: str | None, weight_name: str | None, 
     local_dir = workdir / "files"
     for name in files:
         bar = functools.partial(_ProgressBar, progress if name == weights_name else None, settings.max_bytes)
-        _with_retries(lambda name=name, bar=bar: hf_hub_download(
+        _call_hub(lambda name=name, bar=bar: hf_hub_download(
             repo_id, name, revision=pinned, local_dir=local_dir, cache_dir=workdir / "hf-cache",
             endpoint=settings.hf_endpoint, token=token, etag_timeout=settings.connect_timeout_s,
             library_name="sdxl-worker", tqdm_class=bar), repo_id, settings)
@@ -208,3 +204,20 @@ def fetch_from_hub(repo_id: str, revision: str | None, weight_name: str | None, 
     for name in files:
         shutil.move(local_dir / name, folder / name)
     return HubFetch("peft", folder, folder / weights_name, digest, repo_id, pinned, etag)
+
+
+class HubSource(Source):
+    """``Source`` for Hugging Face repos (``owner/repo`` with optional ``weight_name`` and ``revision``)."""
+
+    def fetch(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> Fetched:
+        """Fetch the repo's LoRA (``fetch_from_hub``) into ``staged`` as ``weights.<ext>`` or ``adapter/``."""
+        fetched = fetch_from_hub(request.source, request.revision, request.weight_name, work, self.settings, progress)
+        if fetched.kind == "peft":
+            peft_weights(fetched.path)
+            os.rename(fetched.path, staged / "adapter")
+            path, weights = "adapter", f"adapter/{fetched.weights.name}"
+        else:
+            path = weights = stage_weights(fetched.weights, staged, fetched.weights.suffix.lower())
+        return Fetched(kind=fetched.kind, path=path, weights=weights, sha256=fetched.sha256,
+                       display_name=fetched.display_name, source=request.source, etag=fetched.etag,
+                       commit=fetched.commit)

@@ -30,12 +30,12 @@ from sdxl_worker.errors import InputError, LoraError
 from sdxl_worker.request.aliases import shown_aliases
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.store.file_checks import PEFT_CONFIG, PEFT_WEIGHTS, WEIGHT_EXTENSIONS
-from sdxl_worker.store.housekeeping import KEY_PATTERN, NOT_AN_ENTRY, scan_entries
+from sdxl_worker.store.housekeeping import KEY_PATTERN, EvictStatus, Refusal, RefusalReason, scan_entries
 from sdxl_worker.store.manifest import read_manifest
 from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.metadata import base_model_problem, lora_metadata, metadata_of, with_published_words
 from sdxl_worker.net.redact import scrub
-from sdxl_worker.request.entries import Aliases, LoraRequest, parse_lora_requests
+from sdxl_worker.request.entries import Aliases, LoraRequest, SourceKind, parse_lora_requests
 from sdxl_worker.net.url_safety import resolve_in_cache
 from sdxl_worker.request.validation import check_fields, raise_if_any
 
@@ -140,36 +140,36 @@ class CacheActions:
 
     # -- evict ------------------------------------------------------------------------------------------------------
 
-    def _entry_key(self, request: LoraRequest) -> tuple[str | None, str | None]:
-        """``(key, None)`` for a downloaded entry, ``(None, status or refusal)`` otherwise."""
-        if request.kind != "cache":
+    def _entry_key(self, request: LoraRequest) -> tuple[str | None, Refusal | None]:
+        """``(key, None)`` for a downloaded entry, ``(None, why not)`` otherwise."""
+        if request.kind is not SourceKind.CACHE:
             return request.cache_key, None
         if KEY_PATTERN.match(request.source):
             return request.source, None
         try:
             path = self.cache.find_by_name(request.source)
         except LoraError as error:
-            return None, str(error)
+            return None, Refusal(RefusalReason.UNSAFE_NAME, str(error))
         if path is None:
-            return None, "not_cached"
+            return None, Refusal(RefusalReason.NOT_AN_ENTRY)
         if KEY_PATTERN.match(path.name) and read_manifest(path) is not None:
             return path.name, None
-        return None, "placed by hand in the cache folder: the endpoint owner's file, never deleted by a job"
+        return None, Refusal(RefusalReason.HAND_PLACED)
 
     def _evict(self, requests: list[LoraRequest], _progress: Progress) -> dict[str, Any]:
         results = []
         for request in requests:
-            key, reason = self._entry_key(request)
+            key, refusal = self._entry_key(request)
             if key is not None:
-                reason = self.cache.evict_entry(key)
+                refusal = self.cache.evict_entry(key)
             result = {"entry": request.ref, "label": self._shown(request.label), "key": key}
-            if reason is None:
-                results.append({**result, "status": "evicted"})
-            elif reason in ("not_cached", NOT_AN_ENTRY):
-                results.append({**result, "status": "not_cached"})
+            if refusal is None:
+                results.append({**result, "status": EvictStatus.EVICTED})
+            elif refusal.status is EvictStatus.NOT_CACHED:
+                results.append({**result, "status": EvictStatus.NOT_CACHED})
             else:
-                results.append({**result, "status": "refused", "reason": reason})
-        return {"loras": results, "evicted": sum(item["status"] == "evicted" for item in results)}
+                results.append({**result, "status": EvictStatus.REFUSED, "reason": refusal.message})
+        return {"loras": results, "evicted": sum(item["status"] is EvictStatus.EVICTED for item in results)}
 
     # -- cache_stats ------------------------------------------------------------------------------------------------
 

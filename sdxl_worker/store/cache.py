@@ -17,14 +17,15 @@ URL, Hugging Face or Civitai source (every form of one Civitai version shares on
    new process detects flipped bytes), then only when the file's size, mtime or inode change, so later hits cost a
    ``stat``. A failed check, or a requested ``sha256`` that differs from the manifest's, means a re-fetch.
 2. Miss: take the entry lock (others wait, logging ``wait``, and then find the entry), look again, fetch into
-   ``.tmp-…`` (``http_download``, ``hub_download``, or ``civitai_api`` then ``http_download``), check the file
-   (``file_checks``), the requested sha256 and the one Civitai publishes, write the manifest, fsync, rename the
-   folder to ``<key>``. While fetching, the free-disk floor (``disk_space``) evicts least recently used entries or
-   refuses the download. A crash at any point leaves nothing under a final name; a later ``LoraCache`` removes the
-   leftovers (``housekeeping.clean_leftovers``). Then, above
-   ``LORA_CACHE_MAX_GB``, least recently used entries are evicted (``housekeeping.Evictor``), never one leased by
-   ``in_use`` in any process or used within ``evict_grace_s`` (which covers the moment between ``resolve`` and
-   ``in_use``). Entries pinned by ``PINNED_LORAS`` are never evicted (``pinned_keys``).
+   ``.tmp-…`` through the source of the request's kind (``sources.base.Source``: ``sources.http``,
+   ``sources.hub``, ``sources.civitai``; each checks the file with ``file_checks`` and against what its remote
+   publishes), check the requested sha256, write the manifest, fsync, rename the folder to ``<key>``. While
+   fetching, the free-disk floor (``disk_space``) evicts least recently used entries or refuses the download. A
+   crash at any point leaves nothing under a final name; a later ``LoraCache`` removes the leftovers
+   (``housekeeping.clean_leftovers``). Then, above ``LORA_CACHE_MAX_GB``, least recently used entries are evicted
+   (``housekeeping.Evictor``), never one leased by ``in_use`` in any process or used within ``evict_grace_s``
+   (which covers the moment between ``resolve`` and ``in_use``). Entries pinned by ``PINNED_LORAS`` are never
+   evicted (``pinned_keys``).
 
 Cache name (no ``/``): a file or folder in the cache root (symlinks must stay inside it); a name without a weights
 extension that is absent is tried with ``.safetensors`` (``<lora:my-style>`` finds ``my-style.safetensors``, as
@@ -46,14 +47,21 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.sources.civitai import fetch_version_file
-from sdxl_worker.request.civitai_refs import civitai_ref
+from sdxl_worker.net.redact import scrub
+from sdxl_worker.net.transfer_progress import TransferProgress, format_size
+from sdxl_worker.net.url_safety import resolve_in_cache
+from sdxl_worker.request.entries import CACHE_DEFAULT_EXTENSION, LoraRequest, SourceKind
+from sdxl_worker.settings import CacheSettings
+from sdxl_worker.sources.base import Fetched, Source
+from sdxl_worker.sources.civitai import CivitaiSource
+from sdxl_worker.sources.http import HttpSource
+from sdxl_worker.sources.hub import HubSource
 from sdxl_worker.store.disk_errors import describe_disk_error
 from sdxl_worker.store.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
 from sdxl_worker.store.file_checks import (
@@ -61,7 +69,6 @@ from sdxl_worker.store.file_checks import (
     PEFT_WEIGHTS,
     WEIGHT_EXTENSIONS,
     check_weights_file,
-    choose_extension,
     find_peft_weights,
     peft_weights,
     sha256_file,
@@ -69,12 +76,11 @@ from sdxl_worker.store.file_checks import (
 from sdxl_worker.store.housekeeping import (
     KEY_PATTERN,
     Evictor,
+    Refusal,
     clean_leftovers,
     scan_entries,
     trash,
 )
-from sdxl_worker.net.download import ByteProgress, download_url, url_filename
-from sdxl_worker.sources.hub import fetch_from_hub
 from sdxl_worker.store.leases import Leases
 from sdxl_worker.store.locking import EntryLock, describe_owner
 from sdxl_worker.store.manifest import (
@@ -85,11 +91,6 @@ from sdxl_worker.store.manifest import (
 )
 from sdxl_worker.store.owners import Heartbeat, owner_record
 from sdxl_worker.store.pinning import parse_sources, pinned_entry_keys
-from sdxl_worker.net.redact import public_url, scrub
-from sdxl_worker.request.entries import CACHE_DEFAULT_EXTENSION, LoraRequest
-from sdxl_worker.settings import CacheSettings
-from sdxl_worker.net.transfer_progress import TransferProgress, format_size
-from sdxl_worker.net.url_safety import resolve_in_cache
 
 __all__ = ["CacheSettings", "LoraCache", "ResolvedLora"]
 
@@ -98,7 +99,7 @@ TOUCH_INTERVAL_S = 10.0
 Progress = Callable[[str], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ResolvedLora:
     """A LoRA ready to load: ``path`` is a weights file or a PEFT folder inside the cache."""
 
@@ -108,28 +109,27 @@ class ResolvedLora:
     size_bytes: int
     cache_hit: bool
     display_name: str
-    fetch_ms: float
+    fetch_ms: float = 0.0
     entry_key: str | None = None   # the downloaded entry; None for files placed by hand
     trigger_words: tuple[str, ...] = ()   # Civitai's trained words for the version, when it came from Civitai
 
-
-@dataclass(frozen=True)
-class _Fetched:
-    kind: str
-    path: str
-    weights: str
-    sha256: str
-    display_name: str
-    source: str
-    etag: str | None = None
-    commit: str | None = None
-    trigger_words: tuple[str, ...] = ()
-    base_model: str | None = None
+    @classmethod
+    def found(cls, request: LoraRequest, *, path: Path, sha256: str, size_bytes: int, cache_hit: bool,
+              display_name: str, entry_key: str | None, trigger_words: Iterable[str] = ()) -> ResolvedLora:
+        """What the cache found or fetched for ``request``; ``fetch_ms`` is filled in by ``resolve``."""
+        return cls(request=request, path=path, sha256=sha256, size_bytes=size_bytes, cache_hit=cache_hit,
+                   display_name=display_name, entry_key=entry_key, trigger_words=tuple(trigger_words))
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def remote_sources(settings: CacheSettings) -> Mapping[SourceKind, Source]:
+    """The source of each kind the cache downloads (a cache name is the store's own)."""
+    return {SourceKind.URL: HttpSource(settings), SourceKind.HF: HubSource(settings),
+            SourceKind.CIVITAI: CivitaiSource(settings)}
 
 
 class LoraCache:
@@ -141,6 +141,7 @@ class LoraCache:
         self.settings = settings
         self.root = settings.cache_dir
         self.pinned_keys = pinned_entry_keys(parse_sources("PINNED_LORAS", settings.pinned_sources))
+        self._sources = remote_sources(settings)
         self._real_root = self.root.resolve()
         self._heartbeat = Heartbeat(settings.heartbeat_s)
         self._leases = Leases(self.root / ".leases", self._heartbeat, settings.lease_stale_s)
@@ -184,7 +185,7 @@ class LoraCache:
 
         A look at the manifest only; ``resolve`` still verifies the entry and fetches it again if that fails.
         """
-        if request.kind == "cache":
+        if request.kind is SourceKind.CACHE:
             return True
         manifest = read_manifest(self.root / request.cache_key)
         return manifest is not None and (request.sha256 is None or request.sha256 == manifest.sha256)
@@ -244,12 +245,12 @@ class LoraCache:
         """Whether a job of this process holds downloaded entry ``key``, or any process holds a lease on it."""
         return self._held(key) or self._leases.live(key)
 
-    def evict_entry(self, key: str) -> str | None:
+    def evict_entry(self, key: str) -> Refusal | None:
         """Delete downloaded entry ``key`` now; ``None`` when deleted, else why not (in use, recent, not an entry)."""
-        reason = self._evictor.remove(key)
-        if reason is None:
+        refusal = self._evictor.remove(key)
+        if refusal is None:
             self._count("evictions")
-        return reason
+        return refusal
 
     def hand_placed(self) -> list[Path]:
         """Everything in the cache root that is neither internal (``.*``) nor named like a downloaded entry."""
@@ -273,8 +274,8 @@ class LoraCache:
             return self._in_use[key] > 0
 
     def _secrets(self, request: LoraRequest) -> tuple[str, ...]:
-        ref = civitai_ref(request.source) if request.kind == "civitai" else None
-        return self.settings.secrets + ((ref.token,) if ref and ref.token else ())
+        source = self._sources.get(request.kind)
+        return self.settings.secrets + (source.secrets(request) if source is not None else ())
 
     def _shown(self, request: LoraRequest) -> str:
         return scrub(request.label, self._secrets(request))
@@ -287,7 +288,7 @@ class LoraCache:
         start = time.perf_counter()
         prefix = f"{request.ref} ({self._shown(request)})"
         try:
-            if request.kind == "cache":
+            if request.kind is SourceKind.CACHE:
                 resolved = self._resolve_by_name(request)
             else:
                 resolved = self._resolve_remote(request, TransferProgress(progress, prefix), protect)
@@ -297,6 +298,8 @@ class LoraCache:
             message = f"{prefix}: {describe_disk_error(error, self.root)}"
             raise LoraError(scrub(message, self._secrets(request))) from None
         return dataclasses.replace(resolved, fetch_ms=(time.perf_counter() - start) * 1000)
+
+    # -- the download protocol: look, lock, look again, fetch into a temp folder, verify, publish by rename -------
 
     def _resolve_remote(self, request: LoraRequest, report: TransferProgress,
                         protect: frozenset[str]) -> ResolvedLora:
@@ -330,6 +333,65 @@ class LoraCache:
             self._counts["evictions"] += evicted
         return resolved
 
+    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress,
+               protect: frozenset[str]) -> ResolvedLora:
+        """Fetch ``request`` into a new ``.tmp-…`` folder through its kind's source, verify it, write its manifest
+        and publish the folder as ``entry``; the temp folder is gone afterwards, whatever happened."""
+        guard = SpaceGuard(self.settings.min_free_bytes, self._free_bytes,
+                           lambda shortfall, enough: self._evictor.make_room(protect, shortfall, enough),
+                           self.settings.free_check_bytes)
+
+        def progress(done: int, total: int | None) -> None:
+            guard(done, total)
+            report(done, total)
+
+        work = self.root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
+        work.mkdir()
+        try:
+            (work / ".owner").write_text(json.dumps(owner_record()), encoding="utf-8")
+            staged = work / "entry"
+            staged.mkdir()
+            fetched = self._sources[request.kind].fetch(request, work, staged, progress)
+            guard.ensure(0)  # the whole file is on disk now: above the floor, or refused
+            if request.sha256 and request.sha256 != fetched.sha256:
+                raise LoraError(f"sha256 mismatch: expected {request.sha256}, downloaded {fetched.sha256}")
+            manifest = self._manifest(request, entry.name, staged, fetched)
+            for path in [*staged.rglob("*"), staged]:
+                fsync_path(path)
+            write_manifest(staged, manifest)
+            fsync_path(staged)
+            self._publish(staged, entry)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            with self._lock:
+                self._counts["evictions"] += guard.evicted
+        with self._lock:
+            self._verified[entry / manifest.weights] = _stamp(entry / manifest.weights)
+        LOG.info("lora stored %s [%s]: %s, %s", self._shown(request), entry.name, manifest.display_name,
+                 format_size(manifest.size))
+        return ResolvedLora.found(request, path=entry / manifest.path, sha256=manifest.sha256,
+                                  size_bytes=manifest.size, cache_hit=False, display_name=manifest.display_name,
+                                  entry_key=entry.name, trigger_words=manifest.trigger_words)
+
+    def _manifest(self, request: LoraRequest, key: str, staged: Path, fetched: Fetched) -> Manifest:
+        """The manifest of a fetched entry (its source without secrets, the weights file's size and mtime)."""
+        weights = (staged / fetched.weights).stat()
+        now = time.time()
+        return Manifest(
+            key=key, source=scrub(fetched.source, self.settings.secrets), kind=fetched.kind, path=fetched.path,
+            weights=fetched.weights, sha256=fetched.sha256, size=weights.st_size, mtime_ns=weights.st_mtime_ns,
+            display_name=fetched.display_name or self._shown(request), downloaded_at=now, last_used_at=now,
+            revision=request.revision, weight_name=request.weight_name, etag=fetched.etag, commit=fetched.commit,
+            trigger_words=list(fetched.trigger_words), base_model=fetched.base_model)
+
+    def _publish(self, staged: Path, entry: Path) -> None:
+        if entry.exists() or entry.is_symlink():
+            trash(self.root, entry)
+        os.rename(staged, entry)
+        fsync_path(self.root)
+
+    # -- hits: a published entry, verified per LORA_VERIFY_ON_HIT --------------------------------------------------
+
     def _hit(self, entry: Path, request: LoraRequest) -> ResolvedLora | None:
         manifest = read_manifest(entry)
         if manifest is None:
@@ -344,8 +406,9 @@ class LoraCache:
         self._touch(entry, manifest)
         self._count("hits")
         LOG.info("lora hit %s [%s]", self._shown(request), entry.name)
-        return ResolvedLora(request, entry / manifest.path, manifest.sha256, manifest.size, True,
-                            manifest.display_name, 0.0, entry.name, tuple(manifest.trigger_words))
+        return ResolvedLora.found(request, path=entry / manifest.path, sha256=manifest.sha256,
+                                  size_bytes=manifest.size, cache_hit=True, display_name=manifest.display_name,
+                                  entry_key=entry.name, trigger_words=manifest.trigger_words)
 
     def _inside(self, path: Path) -> bool:
         return path.resolve().is_relative_to(self._real_root)
@@ -378,6 +441,8 @@ class LoraCache:
         except OSError:
             LOG.debug("could not update last_used_at of %s", entry.name, exc_info=True)
 
+    # -- cache names: files and folders in the cache root -------------------------------------------------------
+
     def _resolve_by_name(self, request: LoraRequest) -> ResolvedLora:
         path = self.find_by_name(request.source)
         if path is None:
@@ -395,9 +460,10 @@ class LoraCache:
             raise LoraError(f"sha256 mismatch: expected {request.sha256}, the cached file has {sha256}")
         self._count("hits")
         LOG.info("lora hit %s (cache name)", self._shown(request))
-        return ResolvedLora(request, target, sha256, size, True, path.name, 0.0,
-                            path.name if manifest is not None and KEY_PATTERN.match(path.name) else None,
-                            tuple(manifest.trigger_words) if manifest is not None else ())
+        downloaded = manifest is not None and KEY_PATTERN.match(path.name)
+        return ResolvedLora.found(request, path=target, sha256=sha256, size_bytes=size, cache_hit=True,
+                                  display_name=path.name, entry_key=path.name if downloaded else None,
+                                  trigger_words=manifest.trigger_words if manifest is not None else ())
 
     def _memo(self, weights: Path) -> tuple[tuple[Path, int, int, int], tuple[str, int] | None]:
         """A hand-placed weights file's memo key (path and stat stamp) and the ``(sha256, size)`` this process
@@ -430,108 +496,3 @@ class LoraCache:
         with self._lock:
             self._local[memo_key] = result
         return result
-
-    # -- fetching ---------------------------------------------------------------------------------------------
-
-    def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress,
-               protect: frozenset[str]) -> ResolvedLora:
-        guard = SpaceGuard(self.settings.min_free_bytes, self._free_bytes,
-                           lambda shortfall, enough: self._evictor.make_room(protect, shortfall, enough),
-                           self.settings.free_check_bytes)
-
-        def progress(done: int, total: int | None) -> None:
-            guard(done, total)
-            report(done, total)
-
-        fetchers = {"url": self._fetch_url, "hf": self._fetch_hub, "civitai": self._fetch_civitai}
-        work = self.root / f".tmp-{entry.name}-{secrets.token_hex(4)}"
-        work.mkdir()
-        try:
-            (work / ".owner").write_text(json.dumps(owner_record()), encoding="utf-8")
-            staged = work / "entry"
-            staged.mkdir()
-            fetched = fetchers[request.kind](request, work, staged, progress)
-            guard.ensure(0)  # the whole file is on disk now: above the floor, or refused
-            if request.sha256 and request.sha256 != fetched.sha256:
-                raise LoraError(f"sha256 mismatch: expected {request.sha256}, downloaded {fetched.sha256}")
-            weights = staged / fetched.weights
-            now = time.time()
-            manifest = Manifest(
-                key=entry.name, source=scrub(fetched.source, self.settings.secrets), kind=fetched.kind,
-                path=fetched.path, weights=fetched.weights, sha256=fetched.sha256, size=weights.stat().st_size,
-                mtime_ns=weights.stat().st_mtime_ns, display_name=fetched.display_name, downloaded_at=now,
-                last_used_at=now, revision=request.revision, weight_name=request.weight_name, etag=fetched.etag,
-                commit=fetched.commit, trigger_words=list(fetched.trigger_words), base_model=fetched.base_model)
-            for path in [*staged.rglob("*"), staged]:
-                fsync_path(path)
-            write_manifest(staged, manifest)
-            fsync_path(staged)
-            self._publish(staged, entry)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-            with self._lock:
-                self._counts["evictions"] += guard.evicted
-        with self._lock:
-            self._verified[entry / manifest.weights] = _stamp(entry / manifest.weights)
-        LOG.info("lora stored %s [%s]: %s, %s", self._shown(request), entry.name, manifest.display_name,
-                 format_size(manifest.size))
-        return ResolvedLora(request, entry / manifest.path, manifest.sha256, manifest.size, False,
-                            manifest.display_name, 0.0, entry.name, tuple(manifest.trigger_words))
-
-    @staticmethod
-    def _store_download(part: Path, staged: Path, names: tuple[str | None, ...]) -> str:
-        """Check a downloaded file, move it into the staged entry as ``weights<ext>`` and return that name."""
-        extension = choose_extension(part, *names)
-        check_weights_file(part, extension)
-        name = f"weights{extension}"
-        os.rename(part, staged / name)
-        return name
-
-    def _fetch_url(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> _Fetched:
-        part = work / "download.part"
-        info = download_url(request.source, part, self.settings, progress)
-        names = (info.filename, url_filename(info.final_url), url_filename(request.source))
-        name = self._store_download(part, staged, names)
-        display = next((item for item in names if item), self._shown(request))
-        return _Fetched("file", name, name, info.sha256, display, public_url(request.source), info.etag)
-
-    def _fetch_civitai(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> _Fetched:
-        ref = civitai_ref(request.source)
-        settings = dataclasses.replace(self.settings, civitai_token=ref.token) if ref.token else self.settings
-        file = fetch_version_file(ref.version_id, settings)
-        if request.sha256 and file.sha256 and request.sha256 != file.sha256:
-            raise LoraError(f"sha256 mismatch: expected {request.sha256}, Civitai publishes {file.sha256} for model "
-                            f"version {ref.version_id}")
-        if file.size_bytes is not None:
-            progress(0, file.size_bytes)  # the free-disk floor, before connecting to the file's host
-        part = work / "download.part"
-        info = download_url(file.download_url, part, settings, progress)
-        if file.sha256 and info.sha256 != file.sha256:
-            raise LoraError(f"the download does not match the sha256 Civitai publishes for model version "
-                            f"{ref.version_id} (expected {file.sha256}, got {info.sha256}); nothing was cached")
-        names = (file.name, info.filename, url_filename(info.final_url))
-        name = self._store_download(part, staged, names)
-        display = next((item for item in names if item), self._shown(request))
-        return _Fetched("file", name, name, info.sha256, display, f"civitai:{ref.version_id}", info.etag,
-                        trigger_words=file.trigger_words, base_model=file.base_model)
-
-    def _fetch_hub(self, request: LoraRequest, work: Path, staged: Path, progress: ByteProgress) -> _Fetched:
-        fetched = fetch_from_hub(request.source, request.revision, request.weight_name, work, self.settings, progress)
-        if fetched.kind == "peft":
-            peft_weights(fetched.path)
-            os.rename(fetched.path, staged / "adapter")
-            weights = f"adapter/{fetched.weights.name}"
-            return _Fetched("peft", "adapter", weights, fetched.sha256, fetched.display_name, request.source,
-                            fetched.etag, fetched.commit)
-        extension = fetched.weights.suffix.lower()
-        check_weights_file(fetched.weights, extension)
-        name = f"weights{extension}"
-        os.rename(fetched.weights, staged / name)
-        return _Fetched("file", name, name, fetched.sha256, fetched.display_name, request.source, fetched.etag,
-                        fetched.commit)
-
-    def _publish(self, staged: Path, entry: Path) -> None:
-        if entry.exists() or entry.is_symlink():
-            trash(self.root, entry)
-        os.rename(staged, entry)
-        fsync_path(self.root)

@@ -10,6 +10,8 @@
   ``evict_grace_s``, or locked. One evictor at a time (``.locks/evict.lock``); files placed by hand are never
   counted nor evicted. Pinned entries count toward the budget. ``Evictor.remove`` deletes one entry by key under the
   same rules (the ``evict`` action); ``Evictor.refusal`` is the one place that says what may not go.
+- ``EvictStatus``, ``RefusalReason`` and ``Refusal``: what deleting one entry came to, as the ``evict`` action
+  reports it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from sdxl_worker.store.leases import Leases
@@ -33,7 +36,46 @@ from sdxl_worker.net.transfer_progress import format_size
 LOG = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MAKE_ROOM_WAIT_S = 30.0
-NOT_AN_ENTRY = "not a downloaded cache entry"
+
+
+class EvictStatus(StrEnum):
+    """What asking to delete one entry came to."""
+
+    EVICTED = "evicted"
+    NOT_CACHED = "not_cached"
+    REFUSED = "refused"
+
+
+class RefusalReason(StrEnum):
+    """Why an entry was not deleted; the value is the reason reported (``RECENT`` reports its particulars)."""
+
+    NOT_AN_ENTRY = "not a downloaded cache entry"
+    HAND_PLACED = "placed by hand in the cache folder: the endpoint owner's file, never deleted by a job"
+    UNSAFE_NAME = "not a safe cache name"
+    PINNED = "pinned (PINNED_LORAS)"
+    THIS_JOB = "in use by this job"
+    HELD = "in use by a running job of this worker"
+    LEASED = "in use by a running job (leased by a worker)"
+    RECENT = "used within the eviction grace period"
+    BUSY = "being fetched or deleted by a worker right now"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an entry was not deleted: the reason, with particulars when it has them (``detail``)."""
+
+    reason: RefusalReason
+    detail: str | None = None
+
+    @property
+    def message(self) -> str:
+        """The text reported: ``detail``, else the reason."""
+        return self.detail or self.reason.value
+
+    @property
+    def status(self) -> EvictStatus:
+        """``NOT_CACHED`` when there was no downloaded entry to delete, else ``REFUSED``."""
+        return EvictStatus.NOT_CACHED if self.reason is RefusalReason.NOT_AN_ENTRY else EvictStatus.REFUSED
 
 
 @dataclass(frozen=True)
@@ -123,20 +165,21 @@ class Evictor:
     def _lock(self, name: str, wait_s: float = 0) -> EntryLock:
         return EntryLock(self._root / ".locks" / f"{name}.lock", self._heartbeat, self._settings.lock_stale_s, wait_s)
 
-    def refusal(self, key: str, last_used_at: float, protect: frozenset[str]) -> str | None:
+    def refusal(self, key: str, last_used_at: float, protect: frozenset[str]) -> Refusal | None:
         """Why entry ``key`` may not be deleted now, or ``None`` when it may."""
         if key in self._pinned:
-            return "pinned (PINNED_LORAS)"
+            return Refusal(RefusalReason.PINNED)
         if key in protect:
-            return "in use by this job"
+            return Refusal(RefusalReason.THIS_JOB)
         if self._held(key):
-            return "in use by a running job of this worker"
+            return Refusal(RefusalReason.HELD)
         if self._leases.live(key):
-            return "in use by a running job (leased by a worker)"
+            return Refusal(RefusalReason.LEASED)
         age = time.time() - last_used_at
         if age < self._settings.evict_grace_s:
             grace = self._settings.evict_grace_s
-            return f"used {age:.0f} s ago, within the {grace:.0f} s in which a job may still be about to load it"
+            return Refusal(RefusalReason.RECENT, f"used {age:.0f} s ago, within the {grace:.0f} s in which a job may "
+                                                 "still be about to load it")
         return None
 
     def _evict_oldest(self, entries: list[Entry], protect: frozenset[str],
@@ -194,24 +237,24 @@ class Evictor:
             return False
         return self.remove(entry.key, protect) is None
 
-    def remove(self, key: str, protect: frozenset[str] = frozenset()) -> str | None:
+    def remove(self, key: str, protect: frozenset[str] = frozenset()) -> Refusal | None:
         """Delete downloaded entry ``key`` unless ``refusal`` forbids it or a fetch holds its lock.
 
         Returns ``None`` when it was deleted, else why not.
         """
         folder = self._root / key
         if not KEY_PATTERN.match(key) or folder.is_symlink() or read_manifest(folder) is None:
-            return NOT_AN_ENTRY
+            return Refusal(RefusalReason.NOT_AN_ENTRY)
         lock = self._lock(key)
         if not lock.try_acquire():
-            return "being fetched or deleted by a worker right now"
+            return Refusal(RefusalReason.BUSY)
         try:
             current = read_manifest(folder)
             if current is None:
-                return NOT_AN_ENTRY
-            reason = self.refusal(key, current.last_used_at, protect)
-            if reason is not None:
-                return reason
+                return Refusal(RefusalReason.NOT_AN_ENTRY)
+            refusal = self.refusal(key, current.last_used_at, protect)
+            if refusal is not None:
+                return refusal
             size = _tree_bytes(folder)
             trash(self._root, folder)
         finally:

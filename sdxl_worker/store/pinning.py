@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from sdxl_worker.store.housekeeping import KEY_PATTERN
-from sdxl_worker.request.entries import Aliases, LoraRequest, parse_lora_requests
+from sdxl_worker.request.entries import Aliases, LoraRequest, SourceKind, parse_lora_requests
 
 
 def parse_sources(variable: str, sources: Sequence[str], aliases: Aliases | None = None) -> list[LoraRequest]:
@@ -27,7 +27,7 @@ def pinned_entry_keys(requests: Iterable[LoraRequest]) -> frozenset[str]:
     """The cache entry keys that pinning these requests keeps from eviction."""
     keys = set()
     for request in requests:
-        if request.kind != "cache":
+        if request.kind is not SourceKind.CACHE:
             keys.add(request.cache_key)
         elif KEY_PATTERN.match(request.source):
             keys.add(request.source)
