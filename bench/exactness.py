@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.pipelines import build_pipelines
-from sdxl_worker.weights.patcher import LoraPatcher
+from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from sdxl_worker.weights.load import load_lora
 from tools.synthetic_lora import write_kohya_lora
 
@@ -46,7 +46,7 @@ def main() -> int:
         parsed = load_lora(path, "rank32", unet_config=pipe.unet.config, device=device, dtype=dtype)
         patcher = LoraPatcher(pipe)
         for _ in range(args.cycles):
-            with patcher.applied([(parsed, 0.8, "rank32")]):
+            with patcher.applied([ScaledLora(parsed, 0.8, "rank32")]):
                 pass
         ours = max_drift(pipe.unet, reference)
         for _ in range(args.cycles):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from bench.paths import JobShape, our_job, plain_download, plain_job, reference_job, timed
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.net.download import download_url
+from sdxl_worker.weights.patcher import ScaledLora
 from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.load import load_lora
 from sdxl_worker.request.entries import parse_lora_requests
@@ -196,7 +197,7 @@ def step_time(setup: Setup) -> dict[str, float]:
     pipe, device, shape = setup.worker.pipes.base, setup.device, setup.shape
     requests, _ = parse_lora_requests([setup.url("rank32_unet"), setup.url("rank128_all")], 8)
     loaded = setup.worker.load_all(setup.worker.lora_cache.resolve_all(requests))
-    loras = [(item.parsed, 1.0, item.resolved.display_name) for item in loaded]
+    loras = [ScaledLora(item.parsed, 1.0, item.resolved.display_name) for item in loaded]
 
     def ours() -> float:
         with setup.worker.patcher.applied(loras):

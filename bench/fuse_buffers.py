@@ -24,7 +24,7 @@ import torch
 
 from bench.paths import timed
 from bench.pipelines import full_size_unet
-from sdxl_worker.weights.patcher import LoraPatcher
+from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from sdxl_worker.weights.load import load_lora
 from tools.synthetic_lora import write_kohya_lora
 
@@ -50,7 +50,7 @@ def main() -> int:
                 patcher.release_fused()
             else:
                 patcher.forget_fused()
-            elapsed = timed(device, lambda: patcher.apply([(loras[run % 2], 0.8, "bench")]))[0]
+            elapsed = timed(device, lambda: patcher.apply([ScaledLora(loras[run % 2], 0.8, "bench")]))[0]
             patcher.restore()
             if run:
                 times[mode].append(elapsed)

@@ -46,7 +46,7 @@ from sdxl_worker.request.aliases import unknown_name_errors
 from sdxl_worker.store.cache import LoraCache, ResolvedLora
 from sdxl_worker.store.disk_space import FreeBytes
 from sdxl_worker.store.file_checks import PEFT_CONFIG
-from sdxl_worker.weights.patcher import ApplyReport, LoraPatcher
+from sdxl_worker.weights.patcher import ApplyReport, LoraPatcher, ScaledLora
 from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.metadata import base_model_problem, job_trigger_words, metadata_of
 from sdxl_worker.weights.load import TEXT_ENCODERS, ParsedLora, load_lora
@@ -221,7 +221,8 @@ class Worker:
             return self.load_all(resolved)
 
     def _apply(self, loaded: list[LoadedLora], timer: PhaseTimer) -> list[ApplyReport]:
-        loras = [(item.parsed, item.resolved.request.scale, self._shown(item.resolved.request)) for item in loaded]
+        loras = [ScaledLora(item.parsed, item.resolved.request.scale, self._shown(item.resolved.request))
+                 for item in loaded]
         with timer.phase("lora_apply"):
             return self.patcher.apply(loras)
 

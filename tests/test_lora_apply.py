@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.weights.patcher import LoraPatcher, fused_weight
+from sdxl_worker.weights.adapters.lora import LoraAdapter
+from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora, fused_weight
 from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.weights.load import LoraFactors, ParsedLora, _cast_factors, _fold_alphas, load_lora
+from sdxl_worker.weights.load import ParsedLora, _cast_factors, _fold_alphas, load_lora
 from tests.support.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                               write_peft_folder, write_sd15_shaped)
 from tests.support.weights import assert_bit_identical, snapshot
@@ -45,7 +46,7 @@ def test_kohya_diffusers_old_diffusers_and_peft_forms_patch_the_same_bits(pipe, 
     patcher = LoraPatcher(pipe)
     images, weights = [], []
     for path in forms:
-        with patcher.applied([(parse(path, pipe.unet.config), 0.7, path.name)]) as reports:
+        with patcher.applied([ScaledLora(parse(path, pipe.unet.config), 0.7, path.name)]) as reports:
             assert reports[0].modules_patched == {"unet": len(factors)}
             weights.append(snapshot(pipe))
             images.append(render(pipe))
@@ -62,7 +63,7 @@ def test_text_encoder_forms_agree(pipe, tmp_path):
     patcher = LoraPatcher(pipe)
     results = []
     for lora in (kohya, diffusers_form, old):
-        with patcher.applied([(lora, 1.0, "form")]) as reports:
+        with patcher.applied([ScaledLora(lora, 1.0, "form")]) as reports:
             counts = reports[0].modules_patched
             results.append(snapshot(pipe))
         assert counts == {c: sum(1 for comp, _ in factors if comp == c) for c in ALL}
@@ -73,8 +74,8 @@ def test_text_encoder_forms_agree(pipe, tmp_path):
 def test_two_loras_match_diffusers_unfused_set_adapters_within_one_level(pipe, tiny_model_dir, tmp_path):
     first = write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=3, up_std=0.2))
     second = write_kohya(tmp_path / "b.safetensors", canonical_factors(pipe, ("unet",), rank=8, seed=4, up_std=0.2))
-    with LoraPatcher(pipe).applied([(parse(first, pipe.unet.config), 0.8, "a"),
-                                    (parse(second, pipe.unet.config), 1.2, "b")]):
+    with LoraPatcher(pipe).applied([ScaledLora(parse(first, pipe.unet.config), 0.8, "a"),
+                                    ScaledLora(parse(second, pipe.unet.config), 1.2, "b")]):
         ours = render(pipe)
     reference = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
@@ -91,7 +92,7 @@ def test_scale_zero_gives_the_baseline_image(pipe, tmp_path):
     lora = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=5)),
                  pipe.unet.config)
     baseline = render(pipe)
-    with LoraPatcher(pipe).applied([(lora, 0.0, "zero")]) as reports:
+    with LoraPatcher(pipe).applied([ScaledLora(lora, 0.0, "zero")]) as reports:
         assert reports[0].skipped_zero_scale
         assert np.array_equal(render(pipe), baseline)
 
@@ -100,8 +101,7 @@ def poisoned(lora: ParsedLora) -> ParsedLora:
     """The same LoRA with its last UNet module's factors on the meta device: applying fails midway, for real."""
     components = {name: dict(modules) for name, modules in lora.components.items()}
     last = sorted(components["unet"])[-1]
-    factors = components["unet"][last]
-    components["unet"][last] = LoraFactors(down=factors.down.to("meta"), up=factors.up.to("meta"))
+    components["unet"][last] = components["unet"][last].to("meta", torch.float32)
     return ParsedLora(sha256=lora.sha256 + "-poisoned", components=components)
 
 
@@ -121,11 +121,11 @@ def test_fifty_random_jobs_with_failures_leave_every_weight_bit_identical(pipe, 
     rng = random.Random(2026)
     failures = {"generation": 0, "apply": 0}
     for _ in range(50):
-        chosen = [(lora, rng.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.0]), f"l{i}")
+        chosen = [ScaledLora(lora, rng.choice([-1.5, -0.3, 0.0, 0.5, 1.0, 2.0]), f"l{i}")
                   for i, lora in enumerate(rng.sample(loras, rng.randint(1, len(loras))))]
         mode = rng.choice(["ok", "ok", "generation", "apply"])
         if mode == "apply":
-            chosen.append((poisoned(loras[0]), 1.0, "poisoned"))
+            chosen.append(ScaledLora(poisoned(loras[0]), 1.0, "poisoned"))
         try:
             with patcher.applied(chosen):
                 pipe.unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 77, 64),
@@ -145,7 +145,7 @@ def test_sd15_lora_is_rejected_with_counts_before_any_weight_changes(pipe, tmp_p
     good = parse(write_kohya(tmp_path / "g.safetensors", canonical_factors(pipe, ("unet",), 2, seed=6)),
                  pipe.unet.config)
     with pytest.raises(LoraError, match=r"sd15: only 0/3 LoRA modules match this SDXL model"):
-        LoraPatcher(pipe).apply([(good, 1.0, "good"), (lora, 1.0, "sd15")])
+        LoraPatcher(pipe).apply([ScaledLora(good, 1.0, "good"), ScaledLora(lora, 1.0, "sd15")])
     assert_bit_identical(pipe, reference)
 
 
@@ -155,7 +155,7 @@ def test_shape_mismatch_is_reported(pipe, tmp_path):
     factors[(component, name)] = (torch.randn(2, down.shape[1] + 1), up, alpha)
     lora = parse(write_kohya(tmp_path / "bad.safetensors", factors), pipe.unet.config)
     with pytest.raises(LoraError, match=r"do not fit the weight's shape"):
-        LoraPatcher(pipe).apply([(lora, 1.0, "bad")])
+        LoraPatcher(pipe).apply([ScaledLora(lora, 1.0, "bad")])
 
 
 @pytest.mark.parametrize("marker, kind", [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA")])
@@ -173,6 +173,18 @@ def test_a_checkpoint_without_lora_weights_is_rejected(tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)}, str(path))
     with pytest.raises(LoraError, match="no LoRA weights"):
         parse(path)
+
+
+def test_a_factor_without_its_pair_is_reported_unmatched_and_the_pairs_still_load(pipe, tmp_path):
+    factors = canonical_factors(pipe, ("unet",), 2, seed=14)
+    state = load_file(str(write_diffusers(tmp_path / "d.safetensors", factors)))
+    module = next(key for key in state if key.endswith(".lora_A.weight"))[: -len(".lora_A.weight")]
+    state[f"{module}_lone.lora_A.weight"] = torch.randn(2, 8)
+    save_file(state, str(tmp_path / "lone.safetensors"))
+    lora = parse(tmp_path / "lone.safetensors", pipe.unet.config)
+    assert lora.unmatched_keys == [f"{module}_lone.lora_A.weight"]
+    assert lora.module_count == len(factors)
+    assert all(isinstance(adapter, LoraAdapter) and adapter.rank == 2 for adapter in lora.components["unet"].values())
 
 
 def test_peft_dora_folder_is_refused(pipe, tmp_path):
@@ -211,12 +223,12 @@ def test_same_set_as_last_job_reuses_the_fused_weights_with_identical_results(pi
     lora = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=9)),
                  pipe.unet.config)
     reusing, recomputing = LoraPatcher(pipe), LoraPatcher(pipe, reuse_fused=False)
-    with recomputing.applied([(lora, 0.6, "a")]) as reports:
+    with recomputing.applied([ScaledLora(lora, 0.6, "a")]) as reports:
         expected = render(pipe)
         assert not reports[0].reused_fused
     outcomes = []
     for scale in (0.6, 0.6, 0.9, 0.6):
-        with reusing.applied([(lora, scale, "a")]) as reports:
+        with reusing.applied([ScaledLora(lora, scale, "a")]) as reports:
             outcomes.append((reports[0].reused_fused, render(pipe)))
         assert_bit_identical(pipe, reference)
     assert [reused for reused, _ in outcomes] == [False, True, False, False]
@@ -230,13 +242,14 @@ def test_another_set_is_fused_into_the_kept_tensors_with_the_bits_of_a_fresh_fus
     first = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=9)), config)
     second = parse(write_kohya(tmp_path / "b.safetensors", canonical_factors(pipe, ALL, rank=8, seed=10)), config)
     unet_only = parse(write_kohya(tmp_path / "c.safetensors", canonical_factors(pipe, ("unet",), 2, seed=11)), config)
-    jobs = [[(second, 0.7, "b")], [(second, -0.4, "b"), (unet_only, 1.3, "c")], [(unet_only, 0.5, "c")]]
+    jobs = [[ScaledLora(second, 0.7, "b")], [ScaledLora(second, -0.4, "b"), ScaledLora(unet_only, 1.3, "c")],
+            [ScaledLora(unet_only, 0.5, "c")]]
     expected = []
     for job in jobs:
         with LoraPatcher(pipe, reuse_fused=False).applied(job):
             expected.append(snapshot(pipe))
     patcher = LoraPatcher(pipe)
-    with patcher.applied([(first, 0.6, "a")]):
+    with patcher.applied([ScaledLora(first, 0.6, "a")]):
         pass
     for job, fresh in zip(jobs, expected):
         kept = {id(weight): tensor.data_ptr() for weight, tensor in patcher._kept.items()}
@@ -258,14 +271,14 @@ def test_one_lora_fuses_in_the_weight_dtype_within_one_rounding_of_float32(dtype
     up = (torch.randn(shape[0], 8, *([1, 1] if len(shape) == 4 else []), generator=generator) * 1e-2).to(dtype)
     rounded_once = torch.addmm(weight.reshape(shape[0], -1).float(), up.flatten(1).float(), down.flatten(1).float(),
                                alpha=0.8).to(dtype).view(shape).float()
-    fused = fused_weight(weight, [(LoraFactors(down=down, up=up), 0.8)])
+    fused = fused_weight(weight, [(LoraAdapter(down=down, up=up), 0.8)])
     assert fused.dtype == dtype and fused.shape == weight.shape
     # Only the float32 summation order may differ: at most one step (ulp) of the weight's dtype.
     info = torch.finfo(dtype)
     assert ((fused.float() - rounded_once).abs() <= rounded_once.abs() * info.eps + info.tiny).all()
     assert (fused.float() != rounded_once).float().mean() < 0.01
     buffer = torch.empty_like(weight)
-    assert fused_weight(weight, [(LoraFactors(down=down, up=up), 0.8)], out=buffer) is buffer
+    assert fused_weight(weight, [(LoraAdapter(down=down, up=up), 0.8)], out=buffer) is buffer
     assert torch.equal(buffer, fused)
 
 

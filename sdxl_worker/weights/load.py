@@ -1,14 +1,17 @@
-"""Read a cached LoRA file or PEFT folder into per-module low-rank factors, with diffusers' own key converters.
+"""Read a cached LoRA file or PEFT folder into per-module weight adapters, with diffusers' own key converters.
 
 Accepted: kohya / A1111 / Civitai files (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*`` with ``.alpha``, sgm block
 names included), diffusers files (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*`` in old and new layouts) and
 PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``, keys possibly prefixed
 ``base_model.model.``). ``.safetensors`` is read safely; ``.pt``/``.bin``/``.ckpt`` only with
-``torch.load(weights_only=True)``. Types that cannot be applied exactly as a low-rank delta (LoHa, LoKr, DoRA, IA3,
-OFT, full-weight diffs, GLoRA) raise ``LoraError`` naming the type instead of being dropped with a warning.
+``torch.load(weights_only=True)``. Types without an adapter (LoHa, LoKr, DoRA, IA3, OFT, full-weight diffs, norm
+tuning: ``weights.adapters.UNSUPPORTED_TYPES``) raise ``LoraError`` naming the type instead of being dropped with a
+warning.
 
-Each LoRA's ``alpha / rank`` (or PEFT's ``lora_alpha / r``) is folded into its up factor before conversion, so every
-factor pair means ``delta W = up @ down``.
+Steps, in ``load_lora``'s order: read the file, refuse unsupported types, cast, fold each LoRA's ``alpha / rank`` (or
+PEFT's ``lora_alpha / r``) into its up factor (so every pair means ``delta W = up @ down``), convert the keys to PEFT
+layout with diffusers' converters, group the keys per module, build each module's adapter
+(``weights.adapters.ADAPTER_TYPES``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,48 +30,30 @@ from safetensors.torch import load_file
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.store.file_checks import PEFT_CONFIG, find_peft_weights
+from sdxl_worker.weights.adapters import (KEY_NAMES, WeightAdapter, adapter_for, refuse_unsupported,
+                                         refuse_unsupported_peft)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_ENCODERS)
 PEFT_PREFIX = "base_model.model."
-UNSUPPORTED_TYPES = {
-    re.compile(r"\.hada_"): "LoHa (LyCORIS)",
-    re.compile(r"\.lokr_"): "LoKr (LyCORIS)",
-    re.compile(r"dora_scale|lora_magnitude_vector"): "DoRA",
-    re.compile(r"\.oft_"): "OFT",
-    re.compile(r"\.ia3_|\.ia3\b"): "IA3",
-    re.compile(r"\.diff(_b)?$"): "full-weight difference (LyCORIS 'full')",
-    re.compile(r"\.(w_norm|b_norm)$"): "norm tuning (LyCORIS)",
-}
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight", ".lora_linear_layer.down.weight")
 _UP_OF_DOWN = {".lora_down.weight": ".lora_up.weight", ".lora.down.weight": ".lora.up.weight",
                ".lora_A.weight": ".lora_B.weight", ".lora_linear_layer.down.weight": ".lora_linear_layer.up.weight"}
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
-@dataclass(frozen=True)
-class LoraFactors:
-    """One module's low-rank update: ``delta W = up @ down`` (conv factors are flattened on use)."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-
 @dataclass
 class ParsedLora:
-    """A LoRA ready to patch: factors per component (``unet``, ``text_encoder``, ``text_encoder_2``) and module path."""
+    """A LoRA ready to patch: an adapter per component (``unet``, ``text_encoder``, ``text_encoder_2``) and module
+    path."""
 
     sha256: str  # content identity: the weights' sha256 (plus the adapter config's hash for PEFT folders)
-    components: dict[str, dict[str, LoraFactors]]
+    components: dict[str, dict[str, WeightAdapter]]
     unmatched_keys: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        return sum(f.down.nbytes + f.up.nbytes for modules in self.components.values() for f in modules.values())
+        return sum(adapter.nbytes for modules in self.components.values() for adapter in modules.values())
 
     @property
     def module_count(self) -> int:
@@ -107,10 +93,7 @@ def _peft_scale(config: dict, module_path: str) -> float:
 def _read_peft_folder(folder: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
     """A PEFT adapter folder as ``<component>.<module>.lora_A/B.weight`` keys with the scale folded into B."""
     config = json.loads((folder / PEFT_CONFIG).read_text())
-    if config.get("use_dora"):
-        raise LoraError(f"{folder.name}: DoRA adapters are not supported (use_dora in {PEFT_CONFIG})")
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise LoraError(f"{folder.name}: PEFT type {config.get('peft_type')} is not supported, only LORA")
+    refuse_unsupported_peft(config, folder.name)
     weights = find_peft_weights(folder)
     if weights is None:
         raise LoraError(f"{folder.name}: no adapter_model.safetensors in the PEFT folder")
@@ -125,12 +108,6 @@ def _read_peft_folder(folder: Path, device: torch.device | str) -> dict[str, tor
             tensor = tensor.float() * _peft_scale(config, match["module"])
         state[f"{component}.{name}"] = tensor
     return state
-
-
-def _refuse_unsupported(keys: list[str], name: str) -> None:
-    for pattern, kind in UNSUPPORTED_TYPES.items():
-        if any(pattern.search(key) for key in keys):
-            raise LoraError(f"{name}: {kind} weights are not supported; only plain LoRA (low-rank up/down) files are")
 
 
 def _cast_factors(state: dict[str, torch.Tensor], device: torch.device | str,
@@ -183,45 +160,54 @@ def _to_peft_layout(component: str, state: dict[str, torch.Tensor]) -> dict[str,
             for key, v in converted.items()}
 
 
-def _pairs(state: dict[str, torch.Tensor]) -> tuple[dict[str, LoraFactors], list[str]]:
-    downs, ups, loose = {}, {}, []
+def _group_by_module(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The keys per module path, named relative to it (``lora_A.weight``), split at the key names the adapter types
+    read; and the keys that end in none of those names."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    loose = []
     for key, tensor in state.items():
-        match = _PAIR.match(key)
-        if match is None:
+        name = next((name for name in KEY_NAMES if key.endswith("." + name) and len(key) > len(name) + 1), None)
+        if name is None:
             loose.append(key)
         else:
-            (downs if match["side"] == "A" else ups)[match["module"]] = tensor
-    factors = {module: LoraFactors(down=downs[module], up=ups[module]) for module in downs.keys() & ups.keys()}
-    loose += [f"{m}.lora_A.weight" for m in downs.keys() - ups.keys()]
-    loose += [f"{m}.lora_B.weight" for m in ups.keys() - downs.keys()]
-    return factors, loose
+            groups.setdefault(key[: -len(name) - 1], {})[name] = tensor
+    return groups, loose
+
+
+def _adapters(groups: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device | str,
+              dtype: torch.dtype) -> tuple[dict[str, WeightAdapter], list[str]]:
+    """Each module's adapter on ``device`` in ``dtype``, and the keys no adapter read."""
+    adapters, unread = {}, []
+    for module, keys in groups.items():
+        adapter, left = adapter_for(keys)
+        if adapter is not None:
+            adapters[module] = adapter.to(device, dtype)
+        unread += [f"{module}.{name}" for name in left]
+    return adapters, unread
 
 
 def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> ParsedLora:
-    """Parse the LoRA at ``path`` (file or PEFT folder) into factors on ``device`` in ``dtype``.
+    """Parse the LoRA at ``path`` (file or PEFT folder) into adapters on ``device`` in ``dtype``.
 
     Tensors are read straight onto ``device``; only key names are converted, so no tensor goes through the CPU twice.
     """
     state = _read_peft_folder(path, device) if path.is_dir() else _read_file(path, device)
     if not state:
         raise LoraError(f"{path.name} holds no tensors")
-    _refuse_unsupported(list(state), path.name)
+    refuse_unsupported(state, path.name)
     state = _fold_alphas(_cast_factors(state, device, dtype))
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet_config)
-    components: dict[str, dict[str, LoraFactors]] = {}
+    components: dict[str, dict[str, WeightAdapter]] = {}
     unmatched: list[str] = []
     for component in COMPONENTS:
         prefix = component + "."
         local = {key[len(prefix):]: value for key, value in converted.items() if key.startswith(prefix)}
         if not local:
             continue
-        factors, loose = _pairs(_to_peft_layout(component, local))
-        unmatched += [prefix + key for key in loose]
-        components[component] = {
-            module: LoraFactors(down=f.down.to(device=device, dtype=dtype), up=f.up.to(device=device, dtype=dtype))
-            for module, f in factors.items()
-        }
+        groups, loose = _group_by_module(_to_peft_layout(component, local))
+        components[component], unread = _adapters(groups, device, dtype)
+        unmatched += [prefix + key for key in loose + unread]
     unmatched += [key for key in converted if not key.startswith(tuple(c + "." for c in COMPONENTS))]
     if not any(components.values()):
         raise LoraError(f"{path.name} holds no LoRA weights for an SDXL UNet or text encoder "

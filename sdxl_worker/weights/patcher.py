@@ -1,11 +1,11 @@
 """Apply several scaled LoRAs to an SDXL pipeline by fusing them into the weights, and restore them bit for bit.
 
-Design: for every module that any of the job's LoRAs touches, a new weight tensor is computed as
-``W + sum(scale * up @ down)`` (in float32, rounded once to the weight's dtype) and swapped in as the parameter's
-data; the original tensor is kept aside untouched. ``restore`` swaps the originals back: no arithmetic, no copy,
-so the weights are exactly the loaded ones again however many jobs ran (unlike ``unfuse_lora``'s subtraction).
-The modules stay plain ``nn.Linear``/``nn.Conv2d``, so denoising steps cost what they cost without LoRAs. Extra
-memory while a job runs: one tensor per touched weight.
+Design: for every module that any of the job's LoRAs touches, a new weight tensor is computed by merging each LoRA's
+adapter for it at its scale (``weights.adapters``; plain LoRA: ``W + sum(scale * up @ down)``) in float32, rounded
+once to the weight's dtype, and swapped in as the parameter's data; the original tensor is kept aside untouched.
+``restore`` swaps the originals back: no arithmetic, no copy, so the weights are exactly the loaded ones again
+however many jobs ran (unlike ``unfuse_lora``'s subtraction). The modules stay plain ``nn.Linear``/``nn.Conv2d``, so
+denoising steps cost what they cost without LoRAs. Extra memory while a job runs: one tensor per touched weight.
 
 The fused tensors of the last LoRA set are kept after ``restore`` (``reuse_fused``): a job with the same LoRAs at the
 same scales swaps them in again without computing anything. They are the same bits a recomputation would give, and
@@ -29,10 +29,20 @@ from typing import Any, Iterator
 import torch
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.weights.load import COMPONENTS, LoraFactors, ParsedLora
+from sdxl_worker.weights.adapters.base import WeightAdapter, merged_in_float32
+from sdxl_worker.weights.load import COMPONENTS, ParsedLora
 
 LOG = logging.getLogger(__name__)
 _SHOWN_PROBLEMS = 3
+
+
+@dataclass(frozen=True)
+class ScaledLora:
+    """One LoRA of a job: its parsed weights, the scale to fuse it at, and the label its report and errors name."""
+
+    lora: ParsedLora
+    scale: float
+    label: str
 
 
 @dataclass
@@ -55,57 +65,23 @@ class ApplyReport:
 @dataclass
 class _Target:
     module: torch.nn.Module
-    parts: list[tuple[LoraFactors, float]] = field(default_factory=list)
+    parts: list[tuple[WeightAdapter, float]] = field(default_factory=list)
 
 
-def _fits(module: torch.nn.Module, factors: LoraFactors) -> bool:
-    weight = getattr(module, "weight", None)
-    if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or weight is None:
-        return False
-    down, up = factors.down, factors.up
-    if down.shape[0] != up.shape[1] or up.shape[0] != weight.shape[0]:
-        return False
-    if isinstance(module, torch.nn.Linear):
-        return down.dim() == 2 and up.dim() == 2 and down.shape[1] == weight.shape[1]
-    if down.dim() != 4 or up.dim() != 4 or up.shape[2:] != (1, 1) or down.shape[1] != weight.shape[1]:
-        return False
-    return down.shape[2:] == weight.shape[2:]
-
-
-def fused_weight(weight: torch.Tensor, parts: list[tuple[LoraFactors, float]],
+def fused_weight(weight: torch.Tensor, parts: list[tuple[WeightAdapter, float]],
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight + sum(scale * up @ down)``, accumulated in float32, in ``weight``'s dtype and shape; ``weight`` is
+    """``weight`` with every adapter of ``parts`` merged at its scale, in ``weight``'s dtype and shape; ``weight`` is
     only read.
 
-    One LoRA: a single ``addmm`` in the weight's dtype; the matrix product accumulates in float32 and the sum is
-    rounded once (on a GPU, one kernel per module instead of five: casts and copies cost more than the product).
-    Several: the weight in float32, the first product added out of place (reading the original once), the others in
-    place, one rounding at the end. The result is written into ``out`` when given (a contiguous tensor like
-    ``weight``, whose values are overwritten), else into a new tensor; the bits are the same either way.
+    One adapter: its own ``fused_alone`` (for plain LoRA a single ``addmm`` in the weight's dtype, rounded once).
+    Several: merged one after another into a float32 copy of the weight, rounded once at the end
+    (``merged_in_float32``). The result is written into ``out`` when given (a contiguous tensor like ``weight``,
+    whose values are overwritten), else into a new tensor; the bits are the same either way.
     """
-    rows = weight.shape[0]
-    into = out.view(rows, -1) if out is not None else None
     if len(parts) == 1:
-        (factors, scale), = parts
-        up = factors.up.to(device=weight.device, dtype=weight.dtype).flatten(1)
-        down = factors.down.to(device=weight.device, dtype=weight.dtype).flatten(1)
-        fused = torch.addmm(weight.detach().reshape(rows, -1), up, down, alpha=scale, out=into)
-        return out if into is not None else fused.view(weight.shape)
-    fused = weight.detach().reshape(rows, -1).float()
-    for index, (factors, scale) in enumerate(parts):
-        down = factors.down.to(device=weight.device, dtype=torch.float32).flatten(1)
-        up = factors.up.to(device=weight.device, dtype=torch.float32).flatten(1)
-        if index:
-            fused.addmm_(up, down, alpha=scale)
-        elif into is not None and into.dtype == torch.float32:
-            fused = torch.addmm(fused, up, down, alpha=scale, out=into)
-        else:
-            fused = torch.addmm(fused, up, down, alpha=scale)
-    if into is None:
-        return fused.to(weight.dtype).view(weight.shape)
-    if fused is not into:
-        into.copy_(fused)  # rounds to the weight's dtype once, as .to() does
-    return out
+        (adapter, scale), = parts
+        return adapter.fused_alone(weight, scale, out)
+    return merged_in_float32(weight, parts, out)
 
 
 def _reusable(buffer: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
@@ -148,19 +124,18 @@ class LoraPatcher:
         return found
 
     def check(self, lora: ParsedLora, label: str) -> dict[str, dict[str, torch.nn.Module]]:
-        """Map every factor pair of ``lora`` to its module, or raise ``LoraError`` with matched/total counts."""
+        """Map every adapter of ``lora`` to its module, or raise ``LoraError`` with matched/total counts."""
         mapped: dict[str, dict[str, torch.nn.Module]] = {}
         missing, misfit, total = [], [], 0
         for component, modules in lora.components.items():
             mapped[component] = {}
-            for path, factors in modules.items():
+            for path, adapter in modules.items():
                 total += 1
                 module = self._find(component, path)
                 if module is None:
                     missing.append(f"{component}.{path}")
-                elif not _fits(module, factors):
-                    misfit.append(f"{component}.{path} (LoRA {tuple(factors.up.shape[:1])}x"
-                                  f"{tuple(factors.down.shape[1:])}, weight {tuple(module.weight.shape)})")
+                elif (problem := adapter.misfit(module)) is not None:
+                    misfit.append(f"{component}.{path} ({problem})")
                 else:
                     mapped[component][path] = module
         if missing or misfit:
@@ -175,22 +150,23 @@ class LoraPatcher:
         return mapped
 
     @torch.no_grad()
-    def apply(self, loras: list[tuple[ParsedLora, float, str]]) -> list[ApplyReport]:
+    def apply(self, loras: list[ScaledLora]) -> list[ApplyReport]:
         """Check all LoRAs, then fuse them at their scales; on any failure the weights are restored first."""
         if self._originals:
             raise RuntimeError("LoRAs are already applied; restore() first")
-        mapped = [self.check(lora, label) for lora, _, label in loras]
+        mapped = [self.check(item.lora, item.label) for item in loras]
         reports, targets = [], {}
-        for (lora, scale, label), modules in zip(loras, mapped):
+        for item, modules in zip(loras, mapped):
             counts = {component: len(found) for component, found in modules.items()}
-            reports.append(ApplyReport(label, counts, list(lora.unmatched_keys), skipped_zero_scale=scale == 0))
-            if scale == 0:
+            reports.append(ApplyReport(item.label, counts, list(item.lora.unmatched_keys),
+                                       skipped_zero_scale=item.scale == 0))
+            if item.scale == 0:
                 continue
             for component, found in modules.items():
                 for path, module in found.items():
                     target = targets.setdefault(id(module), _Target(module))
-                    target.parts.append((lora.components[component][path], float(scale)))
-        key = tuple((lora.sha256, float(scale)) for lora, scale, _ in loras if scale != 0)
+                    target.parts.append((item.lora.components[component][path], float(item.scale)))
+        key = tuple((item.lora.sha256, float(item.scale)) for item in loras if item.scale != 0)
         reused = self.reuse_fused and key == self._kept_key and bool(self._kept)
         buffers = self._take_buffers() if targets and not reused else {}
         start = time.perf_counter()
@@ -232,7 +208,7 @@ class LoraPatcher:
             weight.data = original
 
     @contextmanager
-    def applied(self, loras: list[tuple[ParsedLora, float, str]]) -> Iterator[list[ApplyReport]]:
+    def applied(self, loras: list[ScaledLora]) -> Iterator[list[ApplyReport]]:
         """``apply`` for the block, ``restore`` in ``finally``."""
         reports = self.apply(loras)
         try:
