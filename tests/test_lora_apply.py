@@ -14,7 +14,7 @@ from sdxl_worker.errors import LoraError
 from sdxl_worker.weights.adapters.lora import LoraAdapter
 from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora, fused_weight
 from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.weights.load import ParsedLora, _cast_factors, _fold_alphas, load_lora
+from sdxl_worker.weights.load import ParsedLora, cast_factors, fold_alphas, load_lora
 from tests.support.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                               write_peft_folder, write_sd15_shaped)
 from tests.support.weights import assert_bit_identical, snapshot
@@ -287,9 +287,9 @@ def test_alpha_folding_scales_each_up_factor_once_even_when_keys_share_a_tensor(
     original_up = up.clone()
     state = {"a.lora_down.weight": down, "a.lora_up.weight": up, "a.alpha": torch.tensor(2.0),
              "b.lora_down.weight": down.clone(), "b.lora_up.weight": up, "b.alpha": torch.tensor(2.0)}
-    cast = _cast_factors(state, "cpu", torch.float32)
+    cast = cast_factors(state, "cpu", torch.float32)
     assert cast["a.lora_down.weight"] is down  # already on the device in the dtype: kept, not copied
-    folded = _fold_alphas(cast)
+    folded = fold_alphas(cast)
     for module in ("a", "b"):
         assert torch.equal(folded[f"{module}.lora_up.weight"], original_up * 0.5)
     assert "a.alpha" not in folded

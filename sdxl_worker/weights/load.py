@@ -110,7 +110,7 @@ def _read_peft_folder(folder: Path, device: torch.device | str) -> dict[str, tor
     return state
 
 
-def _cast_factors(state: dict[str, torch.Tensor], device: torch.device | str,
+def cast_factors(state: dict[str, torch.Tensor], device: torch.device | str,
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor but the ``.alpha`` scalars on ``device`` in ``dtype``, each in one pass, before any arithmetic.
 
@@ -129,7 +129,7 @@ def _cast_factors(state: dict[str, torch.Tensor], device: torch.device | str,
     return cast
 
 
-def _fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Multiply each up factor by ``alpha / rank`` in place and drop the ``.alpha`` keys."""
     folded = dict(state)
     alpha_keys = [key for key in state if key.endswith(".alpha")]
@@ -196,7 +196,7 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
     if not state:
         raise LoraError(f"{path.name} holds no tensors")
     refuse_unsupported(state, path.name)
-    state = _fold_alphas(_cast_factors(state, device, dtype))
+    state = fold_alphas(cast_factors(state, device, dtype))
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet_config)
     components: dict[str, dict[str, WeightAdapter]] = {}
     unmatched: list[str] = []
