@@ -1,5 +1,5 @@
 """LoRA metadata from the safetensors header alone: kohya ``ss_*`` and ``modelspec.*`` fields, base model families,
-trigger words, and files whose tensors are never read."""
+trigger words, files whose tensors are never read, and whether a LoRA may patch a text encoder."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sdxl_worker.weights.load import TEXT_ENCODERS, load_lora
 from sdxl_worker.weights.metadata import (
     LoraMetadata,
     base_model_problem,
     lora_metadata,
+    may_patch_text_encoders,
     merge_trigger_words,
     metadata_from_fields,
     read_header_metadata,
 )
+from tests.support.lora_forms import canonical_factors, write_diffusers, write_kohya, write_old_diffusers, write_peft_folder
 from tests.support.servers.lora_files import lora_tensors, torch_lora_bytes
 
 KOHYA = {
@@ -120,3 +123,42 @@ def test_tag_frequency_that_is_not_the_kohya_shape_gives_no_words():
 
 def test_merge_trigger_words_keeps_order_and_drops_repeats_ignoring_case():
     assert merge_trigger_words(["Ohwx", "pixel art"], ["ohwx", "snow"], []) == ("Ohwx", "pixel art", "snow")
+
+
+def write_text_encoder_peft_folder(folder: Path, factors) -> Path:
+    """A PEFT adapter folder for the first text encoder, keyed ``base_model.model.text_model.<path>`` as PEFT saves
+    a ``CLIPTextModel``'s adapter."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4}))
+    state = {}
+    for (_, name), (down, up, _) in factors.items():
+        key = f"base_model.model.text_model.{name}"
+        state.update({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up})
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+UNET, TEXT_ENCODER, ALL = ("unet",), ("text_encoder",), ("unet", "text_encoder", "text_encoder_2")
+WRITERS = {"kohya": write_kohya, "diffusers": write_diffusers, "old diffusers": write_old_diffusers,
+           "PEFT": write_peft_folder, "PEFT text encoder": write_text_encoder_peft_folder}
+
+
+@pytest.mark.parametrize("form, components", [
+    ("kohya", UNET), ("kohya", ALL), ("kohya", TEXT_ENCODER), ("diffusers", UNET), ("diffusers", ALL),
+    ("old diffusers", UNET), ("old diffusers", ALL), ("PEFT", UNET), ("PEFT text encoder", TEXT_ENCODER),
+])
+def test_the_header_tells_whether_parsing_finds_text_encoder_weights(tmp_path, tiny_pipeline, form, components):
+    factors = canonical_factors(tiny_pipeline, components, rank=4, seed=7)
+    path = WRITERS[form](tmp_path / ("adapter" if form.startswith("PEFT") else "lora.safetensors"), factors)
+    parsed = load_lora(path, "sha", unet_config=tiny_pipeline.unet.config)
+    patches = any(parsed.components.get(name) for name in TEXT_ENCODERS)
+    assert patches == (components != UNET)
+    assert may_patch_text_encoders(path) == patches
+
+
+def test_without_a_readable_header_a_lora_may_patch_a_text_encoder(tmp_path):
+    (tmp_path / "unet-only.pt").write_bytes(torch_lora_bytes())
+    (tmp_path / "broken.safetensors").write_bytes(struct.pack("<Q", 5) + b"{nope")
+    assert may_patch_text_encoders(tmp_path / "unet-only.pt")
+    assert may_patch_text_encoders(tmp_path / "broken.safetensors")
+    assert not may_patch_text_encoders(write(tmp_path / "unet-only.safetensors", KOHYA))

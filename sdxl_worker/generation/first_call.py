@@ -1,7 +1,8 @@
 """Run an action once, on the calling thread, right before a module's first forward call.
 
-The worker uses it to apply a job's LoRAs at the last possible moment: the pipeline encodes the prompt and prepares
-timesteps, latents and time ids while the LoRAs still load, and the UNet's first forward call waits for them.
+A job's LoRA session (``weights.session``) uses it to apply the LoRAs at the last possible moment: the pipeline
+encodes the prompt and prepares timesteps, latents and time ids while the LoRAs still load, and the UNet's first
+forward call waits for them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 - ``image_url``: img2img at ``strength`` through the refiner (``refiner_inference_steps``) when there is one, else
   through the base model's img2img pipeline (``num_inference_steps``).
 Every job gets a fresh scheduler built from the config loaded at start, so no scheduler state crosses jobs.
+``first_unet`` names the UNet that denoises first (a job's LoRAs can load until its first call).
 """
 
 from __future__ import annotations
@@ -71,14 +72,27 @@ def _planned_steps(params: JobParams, pipes: Pipelines) -> tuple[int, int]:
     return params.num_inference_steps, max(1, int(params.refiner_inference_steps * params.strength))
 
 
+def first_unet(pipes: Pipelines, init_image: Image.Image | None) -> torch.nn.Module:
+    """The UNet that denoises first: the refiner's for img2img when there is one, else the base model's (which the
+    base img2img pipeline shares)."""
+    return pipes.refiner.unet if init_image is not None and pipes.refiner is not None else pipes.base.unet
+
+
 @torch.inference_mode()
 def generate(
     pipes: Pipelines, params: JobParams, seed: int, init_image: Image.Image | None, on_step: StepCallback
 ) -> list[Image.Image]:
     """Generate ``params.num_images`` images with ``seed``; ``on_step(i, n)`` is called after each denoising step."""
-    generator = torch.Generator(device=pipes.device).manual_seed(seed)
     base_steps, refiner_steps = _planned_steps(params, pipes)
     total = base_steps + refiner_steps
+    shared: dict[str, Any] = {
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "guidance_scale": params.guidance_scale,
+        "generator": torch.Generator(device=pipes.device).manual_seed(seed),
+    }
+    first = {**shared, "num_images_per_prompt": params.num_images,  # the first pipeline call, whichever it is
+             "callback_on_step_end": _step_reporter(on_step, 0, total)}
     if init_image is not None:
         if pipes.refiner is not None:
             pipe, steps = pipes.refiner, params.refiner_inference_steps
@@ -86,30 +100,15 @@ def generate(
         else:
             pipe, steps = pipes.img2img, params.num_inference_steps
             pipe.scheduler = make_scheduler(params.scheduler, pipes.scheduler_config)
-        return pipe(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            image=init_image,
-            strength=params.strength,
-            num_inference_steps=steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=params.num_images,
-            generator=generator,
-            callback_on_step_end=_step_reporter(on_step, 0, total),
-        ).images
+        return pipe(**first, image=init_image, strength=params.strength, num_inference_steps=steps).images
     pipes.base.scheduler = make_scheduler(params.scheduler, pipes.scheduler_config)
     base_output = pipes.base(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
+        **first,
         height=params.height,
         width=params.width,
         num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
         denoising_end=params.high_noise_frac if pipes.refiner is not None else None,
-        num_images_per_prompt=params.num_images,
-        generator=generator,
         output_type="latent" if pipes.refiner is not None else "pil",
-        callback_on_step_end=_step_reporter(on_step, 0, total),
     ).images
     if pipes.refiner is None:
         return base_output
@@ -119,12 +118,9 @@ def generate(
         else {"strength": params.strength}
     )
     return pipes.refiner(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
+        **shared,
         image=base_output,
         num_inference_steps=params.refiner_inference_steps,
-        guidance_scale=params.guidance_scale,
-        generator=generator,
         callback_on_step_end=_step_reporter(on_step, base_steps, total),
         **refiner_args,
     ).images

@@ -20,6 +20,9 @@ cache manifest) come first, then the file's, each once (``with_published_words``
 
 ``base_model_problem`` refuses a LoRA whose metadata names a family other than SDXL; missing or unrecognized
 metadata is allowed (``fusion``'s shape check still guards).
+
+``may_patch_text_encoders`` tells from the header's tensor names whether a LoRA may change a text encoder, so a job
+can choose its order (``weights.session``) before any tensor is read.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ SDXL = "SDXL"
 MAX_TAG_TRIGGER_WORDS = 3
 MAX_PHRASE_TRIGGER_WORDS = 10
 MAX_TEXT_CHARS = 200
+# Tensor names that parsing (``weights.load``) can route to a text encoder: kohya ``lora_te_``/``lora_te1_``/
+# ``lora_te2_`` and diffusers ``text_encoder.``/``text_encoder_2.`` in a file; ``text_model.`` in a PEFT folder.
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
+PEFT_TEXT_MODEL = "text_model."
 # (prefix of the lower-cased value, family); the first match wins, so specific prefixes come first.
 ARCHITECTURES = (("stable-diffusion-xl-v1-refiner", "SDXL refiner"), ("stable-diffusion-xl", SDXL),
                  ("stable-diffusion-v1", "SD 1.x"), ("stable-diffusion-v2", "SD 2.x"),
@@ -70,22 +77,53 @@ class LoraMetadata:
         return {"name": self.name, "base_model": self.base_model, "trigger_words": list(self.trigger_words)}
 
 
-def read_header_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors file, from its header alone; ``{}`` when there are none."""
+def _read_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (tensor names and ``__metadata__``), or ``None`` when it cannot be
+    read."""
     try:
         with path.open("rb") as handle:
             head = handle.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
             if not 2 <= length <= MAX_HEADER_BYTES:
-                return {}
+                return None
             header = json.loads(handle.read(length))
     except (OSError, ValueError) as error:
-        LOG.debug("no metadata read from %s: %s", path.name, error)
-        return {}
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        LOG.debug("no header read from %s: %s", path.name, error)
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def read_header_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file, from its header alone; ``{}`` when there are none."""
+    metadata = (_read_header(path) or {}).get("__metadata__")
     if not isinstance(metadata, dict):
         return {}
     return {str(key): value for key, value in metadata.items() if isinstance(value, str)}
+
+
+def _header_file(path: Path) -> Path | None:
+    """The safetensors file whose header describes the LoRA file or PEFT folder at ``path``, or ``None`` (a pickled
+    file, or a PEFT folder without safetensors weights)."""
+    weights = find_peft_weights(path) if path.is_dir() else path
+    return weights if weights is not None and weights.suffix.lower() == ".safetensors" else None
+
+
+def may_patch_text_encoders(path: Path) -> bool:
+    """Whether the LoRA file or PEFT folder at ``path`` may change a text encoder, from its tensor names in the
+    safetensors header alone (never a tensor byte).
+
+    ``False`` only when no name can reach a text encoder when parsed (``weights.load``): a file's kohya
+    ``lora_te*`` and diffusers ``text_encoder*`` names, a PEFT folder's ``text_model.`` names. ``True`` as well when
+    the names cannot be read from a header (``.pt``/``.bin``/``.ckpt`` weights, a broken header).
+    """
+    header_file = _header_file(path)
+    header = _read_header(header_file) if header_file is not None else None
+    if header is None:
+        return True
+    names = [name for name in header if name != "__metadata__"]
+    if path.is_dir():
+        return any(PEFT_TEXT_MODEL in name for name in names)
+    return any(name.startswith(TEXT_ENCODER_PREFIXES) for name in names)
 
 
 def _short(value: str | None) -> str | None:
@@ -158,11 +196,9 @@ def _peft_base_model(folder: Path) -> str | None:
 def lora_metadata(path: Path, identity: str) -> LoraMetadata:
     """The metadata of a LoRA file or PEFT folder; ``identity`` (its sha256, or a stat stamp) keys this memo and
     must change when the content does."""
-    if path.is_dir():
-        weights = find_peft_weights(path)
-        fields = read_header_metadata(weights) if weights is not None and weights.suffix == ".safetensors" else {}
-        return metadata_from_fields(fields, _peft_base_model(path))
-    return metadata_from_fields(read_header_metadata(path) if path.suffix.lower() == ".safetensors" else {})
+    header_file = _header_file(path)
+    fields = read_header_metadata(header_file) if header_file is not None else {}
+    return metadata_from_fields(fields, _peft_base_model(path) if path.is_dir() else None)
 
 
 def base_model_problem(metadata: LoraMetadata) -> str | None:

@@ -10,14 +10,27 @@ recently loaded unpinned LoRA is kept beside them (a warning says so).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
+from sdxl_worker.store.file_checks import PEFT_CONFIG
 from sdxl_worker.weights.load import ParsedLora
 
+if TYPE_CHECKING:
+    from sdxl_worker.store.cache import ResolvedLora
+
 LOG = logging.getLogger(__name__)
+
+
+def ram_cache_key(item: ResolvedLora) -> str:
+    """Content identity of a LoRA, its key here: the weights' sha256, plus the adapter config's for PEFT folders."""
+    if item.path.is_dir():
+        config = hashlib.sha256((item.path / PEFT_CONFIG).read_bytes()).hexdigest()
+        return f"{item.sha256}:{config}"
+    return item.sha256
 
 
 class LoraRamCache:
