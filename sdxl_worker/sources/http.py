@@ -12,7 +12,6 @@ from pathlib import Path
 from sdxl_worker.net.download import ByteProgress, download_url, url_filename
 from sdxl_worker.net.redact import public_url
 from sdxl_worker.request.entries import LoraRequest
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.sources.base import Fetched, Source, first_name, stage_weights
 from sdxl_worker.store.file_checks import choose_extension
 
