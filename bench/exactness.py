@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bench.pipelines import build_pipelines
-from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from sdxl_worker.weights.load import load_lora
+from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from tools.synthetic_lora import write_kohya_lora
 
 

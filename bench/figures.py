@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file
 
 from bench.paths import JobShape, our_job, plain_download, plain_job, reference_job, timed
-from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.net.download import download_url
-from sdxl_worker.weights.patcher import ScaledLora
-from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.weights.load import load_lora
 from sdxl_worker.request.entries import parse_lora_requests
 from sdxl_worker.settings import WorkerSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.load import load_lora
+from sdxl_worker.weights.patcher import ScaledLora
+from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger(__name__)

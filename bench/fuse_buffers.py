@@ -24,8 +24,8 @@ import torch
 
 from bench.paths import timed
 from bench.pipelines import full_size_unet
-from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from sdxl_worker.weights.load import load_lora
+from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from tools.synthetic_lora import write_kohya_lora
 
 

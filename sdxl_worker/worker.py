@@ -33,28 +33,28 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from sdxl_worker.store.actions import CacheActions, is_action
 from sdxl_worker.errors import JobError, LoraError
 from sdxl_worker.generation.generate import first_unet, generate
-from sdxl_worker.sources.image_url import load_init_image
-from sdxl_worker.request.aliases import unknown_name_errors
-from sdxl_worker.store.cache import LoraCache, ResolvedLora
-from sdxl_worker.store.disk_space import FreeBytes
-from sdxl_worker.weights.patcher import LoraPatcher
-from sdxl_worker.weights.ram_cache import LoraRamCache, ram_cache_key
-from sdxl_worker.weights.metadata import base_model_problem, job_trigger_words, metadata_of
-from sdxl_worker.weights.load import ParsedLora, load_lora
-from sdxl_worker.weights.session import LoadedLora, LoraSession
-from sdxl_worker.store.pinning import parse_sources
-from sdxl_worker.request.prompt_tags import with_trigger_words
-from sdxl_worker.net.redact import scrub
-from sdxl_worker.request.entries import LoraRequest
-from sdxl_worker.settings import WorkerSettings
 from sdxl_worker.generation.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
+from sdxl_worker.generation.progress import JobProgress
+from sdxl_worker.net.redact import scrub
 from sdxl_worker.output.encode import encode_images, upload_enabled
 from sdxl_worker.output.result import job_output
-from sdxl_worker.generation.progress import JobProgress
+from sdxl_worker.request.aliases import unknown_name_errors
+from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.request.prompt_tags import with_trigger_words
 from sdxl_worker.request.validation import JobParams, raise_if_any, validate_job_input
+from sdxl_worker.settings import WorkerSettings
+from sdxl_worker.sources.image_url import load_init_image
+from sdxl_worker.store.actions import CacheActions, is_action
+from sdxl_worker.store.cache import LoraCache, ResolvedLora
+from sdxl_worker.store.disk_space import FreeBytes
+from sdxl_worker.store.pinning import parse_sources
+from sdxl_worker.weights.load import ParsedLora, load_lora
+from sdxl_worker.weights.metadata import base_model_problem, job_trigger_words, metadata_of
+from sdxl_worker.weights.patcher import LoraPatcher
+from sdxl_worker.weights.ram_cache import LoraRamCache, ram_cache_key
+from sdxl_worker.weights.session import LoadedLora, LoraSession
 
 LOG = logging.getLogger(__name__)
 

@@ -67,9 +67,9 @@ def pipes(worker_handler):
 def lora_blobs(worker_handler) -> dict[str, bytes]:
     """Kohya LoRA files for the tiny SDXL, as bytes: ``style`` (UNet and both text encoders, rank 4, 0.3 MB),
     ``small`` (UNet, rank 1, 60 kB) and ``big`` (UNet, rank 64, 3.2 MB)."""
-    from handler import get_worker
     from safetensors.torch import save
 
+    from handler import get_worker
     from tests.support.lora_forms import canonical_factors, kohya_state
 
     pipe = get_worker().pipes.base

@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from sdxl_worker.request.aliases import load_aliases
 from sdxl_worker.request.entries import LoraRequest
-from tests.support.lora_forms import canonical_factors, write_kohya
 from tests.support.factories import cache_settings, make_worker
+from tests.support.lora_forms import canonical_factors, write_kohya
 from tests.support.servers.fault_http import FaultServer
 from tests.support.servers.lora_files import lora_bytes, lora_tensors
 from tests.support.worker_env import PROJECT_ROOT, output_of, run_through_sdk, small_job

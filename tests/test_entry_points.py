@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import requests
 
-from tests.support.worker_env import (PROJECT_ROOT, PYTHON, image_from_png, local_api, png_from_data_uri, run_through_sdk,
-                              small_job, subprocess_env)
+from tests.support.worker_env import (PROJECT_ROOT, PYTHON, image_from_png, local_api, png_from_data_uri,
+                                      run_through_sdk, small_job, subprocess_env)
 
 
 def run_handler_cli(args: list[str], cwd, env) -> subprocess.CompletedProcess:

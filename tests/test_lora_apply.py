@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.weights.adapters.lora import LoraAdapter
+from sdxl_worker.weights.load import ParsedLora, cast_factors, fold_alphas, load_lora
 from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora, fused_weight
 from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.weights.load import ParsedLora, cast_factors, fold_alphas, load_lora
 from tests.support.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
-                              write_peft_folder, write_sd15_shaped)
+                                      write_peft_folder, write_sd15_shaped)
 from tests.support.weights import assert_bit_identical, snapshot
 
 ALL = ("unet", "text_encoder", "text_encoder_2")

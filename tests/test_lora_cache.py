@@ -19,19 +19,14 @@ from pathlib import Path
 import pytest
 
 from sdxl_worker.errors import LoraError
+from sdxl_worker.request.entries import LoraRequest, parse_lora_requests
+from sdxl_worker.settings import GIB, CacheSettings
 from sdxl_worker.store.cache import LoraCache, ResolvedLora
 from sdxl_worker.store.file_checks import check_weights_file
 from sdxl_worker.store.locking import EntryLock, LockTimeout
 from sdxl_worker.store.owners import Heartbeat
-from sdxl_worker.request.entries import LoraRequest, parse_lora_requests
-from sdxl_worker.settings import GIB, CacheSettings
 from tests.support.servers.fault_http import FaultServer
-from tests.support.servers.lora_files import (
-    lora_bytes,
-    malicious_pickle_bytes,
-    torch_lora_bytes,
-    write_lora,
-)
+from tests.support.servers.lora_files import lora_bytes, malicious_pickle_bytes, torch_lora_bytes, write_lora
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LORA = lora_bytes(seed=1)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
-from sdxl_worker.net.transfer_progress import format_size
+from sdxl_worker.store.cache import LoraCache
 from tests.support.servers.fake_civitai import FakeCivitai
 from tests.support.servers.fake_hub import FakeHub
 from tests.support.servers.fault_http import FaultServer

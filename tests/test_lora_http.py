@@ -9,11 +9,7 @@ import time
 import pytest
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.net.download import (
-    auth_header,
-    disposition_filename,
-    download_url,
-)
+from sdxl_worker.net.download import auth_header, disposition_filename, download_url
 from sdxl_worker.settings import CacheSettings
 from tests.support.servers.fault_http import FaultServer
 

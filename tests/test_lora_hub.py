@@ -11,10 +11,10 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.sources.hub import choose_files
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
+from sdxl_worker.sources.hub import choose_files
+from sdxl_worker.store.cache import LoraCache
 from tests.support.servers.fake_hub import FakeHub
 from tests.support.servers.lora_files import lora_bytes, torch_lora_bytes
 

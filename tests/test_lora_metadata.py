@@ -13,16 +13,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sdxl_worker.weights.load import TEXT_ENCODERS, load_lora
-from sdxl_worker.weights.metadata import (
-    LoraMetadata,
-    base_model_problem,
-    lora_metadata,
-    may_patch_text_encoders,
-    merge_trigger_words,
-    metadata_from_fields,
-    read_header_metadata,
-)
-from tests.support.lora_forms import canonical_factors, write_diffusers, write_kohya, write_old_diffusers, write_peft_folder
+from sdxl_worker.weights.metadata import (LoraMetadata, base_model_problem, lora_metadata, may_patch_text_encoders,
+                                          merge_trigger_words, metadata_from_fields, read_header_metadata)
+from tests.support.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
+                                      write_peft_folder)
 from tests.support.servers.lora_files import lora_tensors, torch_lora_bytes
 
 KOHYA = {

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.weights.ram_cache import LoraRamCache
-from sdxl_worker.weights.load import load_lora
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.weights.load import load_lora
+from sdxl_worker.weights.ram_cache import LoraRamCache
 from tests.support.servers.fake_civitai import FakeCivitai
 from tests.support.servers.fault_http import FaultServer
 from tests.support.servers.lora_files import lora_bytes, write_lora

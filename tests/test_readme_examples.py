@@ -17,8 +17,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from sdxl_worker.request.aliases import load_aliases
-from tests.support.lora_forms import canonical_factors, write_kohya
 from tests.support.factories import cache_settings, make_worker
+from tests.support.lora_forms import canonical_factors, write_kohya
 from tests.support.servers.fake_hub import FakeHub
 from tests.support.worker_env import PROJECT_ROOT, run_through_sdk
 

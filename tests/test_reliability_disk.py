@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.store.cache import LoraCache
 from tests.support.cache_audit import cache_problems, entry_keys
-from tests.support.servers.fault_http import FaultServer
 from tests.support.factories import FAULT_TIMINGS, cache_settings
-from tests.support.worker_env import (PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job,
-                              subprocess_env)
+from tests.support.servers.fault_http import FaultServer
+from tests.support.worker_env import PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job, subprocess_env
 
 FILE_LIMIT = 1_000_000  # the small LoRA (60 kB) fits, the big one (3.2 MB) does not; this process's logs fit too
 

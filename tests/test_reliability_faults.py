@@ -22,8 +22,8 @@ from safetensors.torch import save
 
 from sdxl_worker.request.entries import LoraRequest
 from tests.support.cache_audit import cache_problems, entry_keys
-from tests.support.servers.fault_http import FaultServer
 from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.servers.fault_http import FaultServer
 from tests.support.worker_env import images_of, run_through_sdk, small_job
 
 MAX_BYTES = 1_000_000

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import requests
 
-from tests.support.servers.fault_http import FaultServer
 from tests.support.factories import FAULT_TIMINGS, cache_settings
+from tests.support.servers.fault_http import FaultServer
 from tests.support.worker_env import images_of, local_api, run_through_sdk, small_job, subprocess_env
 
 JOBS_PER_PHASE = 100

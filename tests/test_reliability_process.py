@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
+from sdxl_worker.store.cache import LoraCache
 from tests.support.cache_audit import cache_problems, entry_keys
+from tests.support.factories import FAULT_TIMINGS, cache_settings
 from tests.support.servers.fault_http import FaultServer
 from tests.support.servers.progress_sink import ProgressSink
-from tests.support.factories import FAULT_TIMINGS, cache_settings
-from tests.support.worker_env import (PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job,
-                              subprocess_env)
+from tests.support.worker_env import PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job, subprocess_env
 
 TOKENS = {"HF_TOKEN": "hf_KILLTEST_3c9d", "CIVITAI_TOKEN": "civitai-KILLTEST-77aa"}
 LONG_STEPS = 120  # killed at the first step seen; the length is only a margin for a slow machine

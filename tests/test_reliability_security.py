@@ -22,12 +22,11 @@ import torch
 
 from sdxl_worker.request.entries import LoraRequest
 from tests.support.cache_audit import cache_problems, entry_keys
+from tests.support.factories import FAULT_TIMINGS, cache_settings
 from tests.support.servers.fake_hub import FakeHub
 from tests.support.servers.fault_http import FaultServer
 from tests.support.servers.lora_files import legacy_pickle_bytes, malicious_pickle_bytes
-from tests.support.factories import FAULT_TIMINGS, cache_settings
-from tests.support.worker_env import (PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job,
-                              subprocess_env)
+from tests.support.worker_env import PROJECT_ROOT, PYTHON, images_of, run_through_sdk, small_job, subprocess_env
 
 SEED = 61
 CIVITAI_SECRET = "civitai-SECRET-b81f0c"

@@ -11,15 +11,9 @@ import requests
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.download import download_url
+from sdxl_worker.net.url_safety import (RefusedAddress, check_url, guarded_session, literal_ip, refusal_reason,
+                                        resolve_in_cache)
 from sdxl_worker.settings import CacheSettings
-from sdxl_worker.net.url_safety import (
-    RefusedAddress,
-    check_url,
-    guarded_session,
-    literal_ip,
-    refusal_reason,
-    resolve_in_cache,
-)
 from tests.support.servers.fault_http import FaultServer
 
 

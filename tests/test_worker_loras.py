@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from tests.support.factories import cache_settings, make_worker
 from tests.support.cache_audit import cache_problems
+from tests.support.factories import cache_settings, make_worker
 from tests.support.lora_forms import canonical_factors, write_kohya, write_peft_folder, write_sd15_shaped
 from tests.support.servers.fault_http import FaultServer
 from tests.support.worker_env import run_through_sdk, small_job

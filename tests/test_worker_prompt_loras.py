@@ -12,8 +12,8 @@ from diffusers import StableDiffusionXLPipeline
 
 import sdxl_worker.weights.load as parsing
 from sdxl_worker.request.aliases import load_aliases
-from tests.support.lora_forms import canonical_factors, write_kohya
 from tests.support.factories import cache_settings, make_worker
+from tests.support.lora_forms import canonical_factors, write_kohya
 from tests.support.servers.fault_http import FaultServer
 from tests.support.worker_env import PROJECT_ROOT, PYTHON, error_of, output_of, small_job, subprocess_env
 

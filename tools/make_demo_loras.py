@@ -8,15 +8,14 @@ Both are kohya-format files, as downloaded from Civitai, generated from fixed se
 
 from __future__ import annotations
 
-import os
-
 import logging
+import os
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.generation.tiny_model import ensure_tiny_model
+from sdxl_worker.settings import CacheSettings
 from tools.synthetic_lora import write_kohya_lora
 
 LOG = logging.getLogger("make_demo_loras")

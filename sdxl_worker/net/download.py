@@ -33,12 +33,12 @@ from urllib3.exceptions import ReadTimeoutError
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.chunk_writer import ChunkWriter
-from sdxl_worker.request.civitai_refs import is_civitai_host
 from sdxl_worker.net.redact import QueryRedactingFilter, public_url, redact_url
 from sdxl_worker.net.retry import Failure, retry_after_s, with_retries
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.net.url_safety import check_url, guarded_session
+from sdxl_worker.request.civitai_refs import is_civitai_host
+from sdxl_worker.settings import CacheSettings
 
 LOG = logging.getLogger(__name__)
 logging.getLogger("urllib3.connectionpool").addFilter(QueryRedactingFilter())

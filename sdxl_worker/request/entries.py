@@ -32,9 +32,9 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from sdxl_worker.request.civitai_refs import civitai_ref
 from sdxl_worker.net.redact import public_url, redact_url
 from sdxl_worker.net.url_safety import cache_name_problem
+from sdxl_worker.request.civitai_refs import civitai_ref
 
 MAX_SCALE = 10.0
 MAX_SOURCE_CHARS = 2048

@@ -21,8 +21,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sdxl_worker.request.entries import MAX_SCALE, Aliases, LoraRequest, parse_entry
 from sdxl_worker.net.url_safety import cache_name_problem
+from sdxl_worker.request.entries import MAX_SCALE, Aliases, LoraRequest, parse_entry
 
 TAG = re.compile(r"<(?P<kind>\w+):(?P<args>[^<>]*)>")
 LORA_KINDS = ("lora", "lyco")

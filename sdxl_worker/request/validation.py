@@ -12,10 +12,10 @@ from typing import Any
 
 from runpod.serverless.utils.rp_validator import validate
 
-from sdxl_worker.request.schema import INPUT_SCHEMA
 from sdxl_worker.errors import InputError
-from sdxl_worker.request.prompt_tags import extract_lora_tags, merge_tag_requests, negative_prompt_errors
 from sdxl_worker.request.entries import Aliases, LoraRequest, parse_lora_requests
+from sdxl_worker.request.prompt_tags import extract_lora_tags, merge_tag_requests, negative_prompt_errors
+from sdxl_worker.request.schema import INPUT_SCHEMA
 
 _SDK_RULE_KEYS = ("type", "required", "default")
 _MAX_SHOWN_VALUE = 60

@@ -26,15 +26,8 @@ from typing import Any
 import requests
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.net.download import (
-    ByteProgress,
-    Retryable,
-    check_status,
-    download_url,
-    open_url,
-    retry_http,
-    url_filename,
-)
+from sdxl_worker.net.download import (ByteProgress, Retryable, check_status, download_url, open_url, retry_http,
+                                      url_filename)
 from sdxl_worker.net.redact import redact_url
 from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.net.url_safety import guarded_session

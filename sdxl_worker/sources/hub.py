@@ -28,15 +28,8 @@ from typing import Self, TypeVar
 
 import httpx2
 from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import (
-    FileMetadataError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import (FileMetadataError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.download import ByteProgress
@@ -45,13 +38,7 @@ from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
 from sdxl_worker.sources.base import Fetched, Source, stage_weights
-from sdxl_worker.store.file_checks import (
-    PEFT_CONFIG,
-    PEFT_WEIGHTS,
-    WEIGHT_EXTENSIONS,
-    peft_weights,
-    sha256_file,
-)
+from sdxl_worker.store.file_checks import PEFT_CONFIG, PEFT_WEIGHTS, WEIGHT_EXTENSIONS, peft_weights, sha256_file
 
 T = TypeVar("T")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sdxl_worker.errors import InputError, LoraError
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.net.download import download_url
+from sdxl_worker.settings import CacheSettings
 
 MAX_IMAGE_PIXELS = 4096 * 4096
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(?P<payload>.*)$", re.DOTALL)

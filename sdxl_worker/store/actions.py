@@ -25,19 +25,19 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sdxl_worker.request.schema import ACTION_SCHEMAS, ACTIONS, MAX_ACTION_LORAS
 from sdxl_worker.errors import InputError, LoraError
+from sdxl_worker.net.redact import scrub
+from sdxl_worker.net.url_safety import resolve_in_cache
 from sdxl_worker.request.aliases import shown_aliases
+from sdxl_worker.request.entries import Aliases, LoraRequest, SourceKind, parse_lora_requests
+from sdxl_worker.request.schema import ACTION_SCHEMAS, ACTIONS, MAX_ACTION_LORAS
+from sdxl_worker.request.validation import check_fields, raise_if_any
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.store.file_checks import PEFT_CONFIG, PEFT_WEIGHTS, WEIGHT_EXTENSIONS
 from sdxl_worker.store.housekeeping import KEY_PATTERN, EvictStatus, Refusal, RefusalReason, scan_entries
 from sdxl_worker.store.manifest import read_manifest
-from sdxl_worker.weights.ram_cache import LoraRamCache
 from sdxl_worker.weights.metadata import base_model_problem, lora_metadata, metadata_of, with_published_words
-from sdxl_worker.net.redact import scrub
-from sdxl_worker.request.entries import Aliases, LoraRequest, SourceKind, parse_lora_requests
-from sdxl_worker.net.url_safety import resolve_in_cache
-from sdxl_worker.request.validation import check_fields, raise_if_any
+from sdxl_worker.weights.ram_cache import LoraRamCache
 
 LOG = logging.getLogger(__name__)
 Progress = Callable[[str], None]

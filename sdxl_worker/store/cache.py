@@ -64,31 +64,12 @@ from sdxl_worker.sources.http import HttpSource
 from sdxl_worker.sources.hub import HubSource
 from sdxl_worker.store.disk_errors import describe_disk_error
 from sdxl_worker.store.disk_space import FreeBytes, SpaceGuard, disk_free_bytes
-from sdxl_worker.store.file_checks import (
-    PEFT_CONFIG,
-    PEFT_WEIGHTS,
-    WEIGHT_EXTENSIONS,
-    check_weights_file,
-    find_peft_weights,
-    peft_weights,
-    sha256_file,
-)
-from sdxl_worker.store.housekeeping import (
-    KEY_PATTERN,
-    Evictor,
-    Refusal,
-    clean_leftovers,
-    scan_entries,
-    trash,
-)
+from sdxl_worker.store.file_checks import (PEFT_CONFIG, PEFT_WEIGHTS, WEIGHT_EXTENSIONS, check_weights_file,
+                                           find_peft_weights, peft_weights, sha256_file)
+from sdxl_worker.store.housekeeping import KEY_PATTERN, Evictor, Refusal, clean_leftovers, scan_entries, trash
 from sdxl_worker.store.leases import Leases
 from sdxl_worker.store.locking import EntryLock, describe_owner
-from sdxl_worker.store.manifest import (
-    Manifest,
-    fsync_path,
-    read_manifest,
-    write_manifest,
-)
+from sdxl_worker.store.manifest import Manifest, fsync_path, read_manifest, write_manifest
 from sdxl_worker.store.owners import Heartbeat, owner_record
 from sdxl_worker.store.pinning import parse_sources, pinned_entry_keys
 

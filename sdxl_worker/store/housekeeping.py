@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from sdxl_worker.net.transfer_progress import format_size
+from sdxl_worker.settings import CacheSettings
 from sdxl_worker.store.leases import Leases
 from sdxl_worker.store.locking import EntryLock, LockTimeout
 from sdxl_worker.store.manifest import Manifest, read_manifest
 from sdxl_worker.store.owners import Heartbeat, owner_alive, read_record
-from sdxl_worker.settings import CacheSettings
-from sdxl_worker.net.transfer_progress import format_size
 
 LOG = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^[0-9a-f]{32}$")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sdxl_worker.store.housekeeping import KEY_PATTERN
 from sdxl_worker.request.entries import Aliases, LoraRequest, SourceKind, parse_lora_requests
+from sdxl_worker.store.housekeeping import KEY_PATTERN
 
 
 def parse_sources(variable: str, sources: Sequence[str], aliases: Aliases | None = None) -> list[LoraRequest]:

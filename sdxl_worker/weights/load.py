@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from sdxl_worker.errors import LoraError
 from sdxl_worker.store.file_checks import PEFT_CONFIG, find_peft_weights
 from sdxl_worker.weights.adapters import (KEY_NAMES, WeightAdapter, adapter_for, refuse_unsupported,
-                                         refuse_unsupported_peft)
+                                          refuse_unsupported_peft)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_ENCODERS)

@@ -19,7 +19,6 @@ import requests
 from PIL import Image
 from runpod.serverless.modules.rp_job import run_job
 
-
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_URI_PREFIX = "data:image/png;base64,"
 SMALL_JOB: dict[str, Any] = {

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from sdxl_worker.errors import LoraError
-from sdxl_worker.store.cache import LoraCache
-from sdxl_worker.store.housekeeping import scan_entries
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings, source_list
+from sdxl_worker.store.cache import LoraCache
+from sdxl_worker.store.housekeeping import scan_entries
 
 
 def main() -> None:

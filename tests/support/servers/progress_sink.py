@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 from tests.support.servers.background import BackgroundServer
-from typing import Any
 
 
 class ProgressSink(BackgroundServer):

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
+from sdxl_worker.store.cache import LoraCache
 
 
 def main() -> None:
