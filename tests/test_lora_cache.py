@@ -25,6 +25,7 @@ from sdxl_worker.store.cache import LoraCache, ResolvedLora
 from sdxl_worker.store.file_checks import check_weights_file
 from sdxl_worker.store.locking import EntryLock, LockTimeout
 from sdxl_worker.store.owners import Heartbeat
+from tests.support.factories import cache_settings
 from tests.support.servers.fault_http import FaultServer
 from tests.support.servers.lora_files import lora_bytes, malicious_pickle_bytes, torch_lora_bytes, write_lora
 
@@ -40,12 +41,6 @@ DISPOSITION = {"Content-Disposition": 'attachment; filename="Pixel Style.safeten
 def server():
     with FaultServer() as running:
         yield running
-
-
-def settings_for(tmp_path: Path, **overrides) -> CacheSettings:
-    options = {"cache_dir": tmp_path / "cache", "allow_private_hosts": True, "retry_backoff_s": 0.01,
-               "connect_timeout_s": 5, "read_timeout_s": 5, **overrides}
-    return CacheSettings(**options)
 
 
 def visible(root: Path) -> list[str]:
@@ -77,7 +72,7 @@ def write_owner(path: Path, host: str, pid: int) -> None:
 def test_miss_then_hit_and_a_new_process_finds_the_entry_without_any_request(tmp_path, server):
     server.route("/api/download/models/7", body=LORA, headers={**DISPOSITION, "ETag": '"abc"'})
     url = server.url("/api/download/models/7?type=Model&token=QUERYSECRET")
-    first = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
+    first = LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, url))
     assert not first.cache_hit and first.display_name == "Pixel Style.safetensors"
     assert first.path.read_bytes() == LORA and first.sha256 == hashlib.sha256(LORA).hexdigest()
     assert first.size_bytes == len(LORA) and first.path.name == "weights.safetensors"
@@ -88,7 +83,7 @@ def test_miss_then_hit_and_a_new_process_finds_the_entry_without_any_request(tmp
     assert "type=Model" in manifest["source"] and "QUERYSECRET" not in json.dumps(manifest)
     assert manifest["downloaded_at"] <= manifest["last_used_at"] <= time.time()
 
-    fresh = LoraCache(settings_for(tmp_path))
+    fresh = LoraCache(cache_settings(tmp_path / "cache"))
     again = fresh.resolve(LoraRequest(0, url))
     assert again.cache_hit and again.path == first.path and again.sha256 == first.sha256
     assert server.count("/api/download/models/7") == 1
@@ -98,11 +93,11 @@ def test_miss_then_hit_and_a_new_process_finds_the_entry_without_any_request(tmp
 def test_an_entry_whose_manifest_has_fields_from_a_newer_worker_is_still_a_hit(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     url = server.url("/a.safetensors")
-    first = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
+    first = LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, url))
     manifest_path = first.path.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "added_by_a_newer_worker": {"x": 1}}))
-    again = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
+    again = LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, url))
     assert again.cache_hit and again.path == first.path and again.sha256 == first.sha256
     assert server.count("/a.safetensors") == 1
 
@@ -110,7 +105,7 @@ def test_an_entry_whose_manifest_has_fields_from_a_newer_worker_is_still_a_hit(t
 def test_a_flipped_byte_is_detected_by_a_new_process_and_refetched(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     url = server.url("/a.safetensors")
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     path = cache.resolve(LoraRequest(0, url)).path
     stat = path.stat()
     data = bytearray(path.read_bytes())
@@ -121,7 +116,7 @@ def test_a_flipped_byte_is_detected_by_a_new_process_and_refetched(tmp_path, ser
     # The documented trade-off of LORA_VERIFY_ON_HIT=first: this process verified the file already and its
     # size, mtime and inode did not change, so it trusts it; a new process re-hashes and notices.
     assert cache.resolve(LoraRequest(0, url)).cache_hit
-    refetched = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
+    refetched = LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, url))
     assert not refetched.cache_hit and refetched.path.read_bytes() == LORA
     assert server.count("/a.safetensors") == 2
 
@@ -129,7 +124,7 @@ def test_a_flipped_byte_is_detected_by_a_new_process_and_refetched(tmp_path, ser
 def test_verify_always_rehashes_on_every_hit(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     url = server.url("/a.safetensors")
-    cache = LoraCache(settings_for(tmp_path, verify_on_hit="always"))
+    cache = LoraCache(cache_settings(tmp_path / "cache", verify_on_hit="always"))
     path = cache.resolve(LoraRequest(0, url)).path
     stat = path.stat()
     path.write_bytes(LORA[:-1] + bytes([LORA[-1] ^ 1]))
@@ -141,8 +136,8 @@ def test_verify_always_rehashes_on_every_hit(tmp_path, server):
 def test_verify_changed_skips_the_hash_until_size_or_mtime_change(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     url = server.url("/a.safetensors")
-    LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url))
-    cache = LoraCache(settings_for(tmp_path, verify_on_hit="changed"))
+    LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, url))
+    cache = LoraCache(cache_settings(tmp_path / "cache", verify_on_hit="changed"))
     path = cache.resolve(LoraRequest(0, url)).path
     path.write_bytes(LORA[:-1] + bytes([LORA[-1] ^ 1]))  # new mtime
     assert not cache.resolve(LoraRequest(0, url)).cache_hit
@@ -152,9 +147,9 @@ def test_verify_changed_skips_the_hash_until_size_or_mtime_change(tmp_path, serv
 def test_a_truncated_cached_file_is_refetched(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     url = server.url("/a.safetensors")
-    path = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, url)).path
+    path = LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, url)).path
     path.write_bytes(LORA[:100])
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     assert cache.resolve(LoraRequest(0, url)).path.read_bytes() == LORA
     assert server.count("/a.safetensors") == 2 and temp_leftovers(tmp_path / "cache") == []
 
@@ -162,7 +157,7 @@ def test_a_truncated_cached_file_is_refetched(tmp_path, server):
 def test_a_requested_sha256_that_differs_from_the_entry_refetches(tmp_path, server):
     route = server.route("/moving.safetensors", body=LORA)
     url = server.url("/moving.safetensors")
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     cache.resolve(LoraRequest(0, url))
     route.body = OTHER
     wanted = hashlib.sha256(OTHER).hexdigest()
@@ -175,7 +170,7 @@ def test_a_requested_sha256_that_differs_from_the_entry_refetches(tmp_path, serv
 def test_extension_comes_from_the_content_when_the_url_has_none(tmp_path, server):
     server.route("/download/123", body=LORA)
     server.route("/download/124", body=torch_lora_bytes())
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     assert cache.resolve(LoraRequest(0, server.url("/download/123"))).path.name == "weights.safetensors"
     torch_file = cache.resolve(LoraRequest(0, server.url("/download/124")))
     assert torch_file.path.name == "weights.pt"
@@ -183,7 +178,7 @@ def test_extension_comes_from_the_content_when_the_url_has_none(tmp_path, server
 
 def test_plain_torch_files_are_accepted(tmp_path, server):
     server.route("/x", body=torch_lora_bytes(), headers={"Content-Disposition": 'attachment; filename="old.ckpt"'})
-    resolved = LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, server.url("/x")))
+    resolved = LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, server.url("/x")))
     assert resolved.path.name == "weights.ckpt" and resolved.display_name == "old.ckpt"
 
 
@@ -206,7 +201,7 @@ def assert_nothing_cached(root: Path) -> None:
 def test_files_that_are_not_loras_are_refused(tmp_path, server, body, headers, fragment):
     server.route("/bad.safetensors", body=body, headers=headers)
     with pytest.raises(LoraError) as caught:
-        LoraCache(settings_for(tmp_path)).resolve(LoraRequest(4, server.url("/bad.safetensors")))
+        LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(4, server.url("/bad.safetensors")))
     assert str(caught.value).startswith("loras[4] (127.0.0.1:")
     assert fragment in str(caught.value)
     assert_nothing_cached(tmp_path / "cache")
@@ -216,13 +211,13 @@ def test_safetensors_without_tensors_is_refused(tmp_path, server):
     header = b'{"__metadata__": {"format": "pt"}}'
     server.route("/empty.safetensors", body=len(header).to_bytes(8, "little") + header)
     with pytest.raises(LoraError, match="holds no tensors"):
-        LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, server.url("/empty.safetensors")))
+        LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, server.url("/empty.safetensors")))
 
 
 def test_sha256_mismatch_is_refused_and_nothing_cached(tmp_path, server):
     server.route("/a.safetensors", body=LORA)
     with pytest.raises(LoraError, match=f"sha256 mismatch: expected {'1' * 64}, downloaded"):
-        LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, server.url("/a.safetensors"), sha256="1" * 64))
+        LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, server.url("/a.safetensors"), sha256="1" * 64))
     assert_nothing_cached(tmp_path / "cache")
 
 
@@ -231,7 +226,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_its_code_never_runs(tmp_pat
     payload = malicious_pickle_bytes(marker)
     server.route("/evil.pt", body=payload)
     with pytest.raises(LoraError, match=r"refused \.pt file: it does not load with torch\.load\(weights_only=True\)"):
-        LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, server.url("/evil.pt")))
+        LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, server.url("/evil.pt")))
     assert not marker.exists()
     assert_nothing_cached(tmp_path / "cache")
     legacy = tmp_path / "legacy.ckpt"
@@ -253,7 +248,7 @@ class _MarkerCall:
 
 def test_404_and_timeout_are_errors_naming_the_lora_and_cache_nothing(tmp_path, server):
     server.route("/slow.safetensors", body=LORA, delay_s=1.0)
-    cache = LoraCache(settings_for(tmp_path, read_timeout_s=0.3, download_retries=0))
+    cache = LoraCache(cache_settings(tmp_path / "cache", read_timeout_s=0.3, download_retries=0))
     with pytest.raises(LoraError, match=r"^loras\[0\] \(127\.0\.0\.1:\d+/missing\.safetensors\): not found \(HTTP 404\)"):
         cache.resolve(LoraRequest(0, server.url("/missing.safetensors")))
     with pytest.raises(LoraError, match=r"^loras\[1\] \(slow\): timed out"):
@@ -264,13 +259,13 @@ def test_404_and_timeout_are_errors_naming_the_lora_and_cache_nothing(tmp_path, 
 def test_size_over_the_limit_is_refused(tmp_path, server):
     server.route("/big.safetensors", body=BIG)
     with pytest.raises(LoraError, match=r"over the limit of 100\.0 kB \(LORA_MAX_BYTES\)"):
-        LoraCache(settings_for(tmp_path, max_bytes=100_000)).resolve(LoraRequest(0, server.url("/big.safetensors")))
+        LoraCache(cache_settings(tmp_path / "cache", max_bytes=100_000)).resolve(LoraRequest(0, server.url("/big.safetensors")))
     assert_nothing_cached(tmp_path / "cache")
 
 
 def test_tokens_never_appear_in_logs_errors_or_manifests(tmp_path, server, caplog):
     caplog.set_level(logging.DEBUG)
-    settings = settings_for(tmp_path, civitai_token=TOKEN, civitai_hosts=("127.0.0.1",))
+    settings = cache_settings(tmp_path / "cache", civitai_token=TOKEN, civitai_hosts=("127.0.0.1",))
     server.route("/api/download/models/1", body=LORA, require_auth=f"Bearer {TOKEN}", headers=DISPOSITION)
     server.route("/api/download/models/2", require_auth="Bearer another")
     cache = LoraCache(settings)
@@ -288,14 +283,14 @@ def test_resolve_all_fails_as_a_whole_on_the_first_error(tmp_path, server):
                                             server.url("/never.safetensors")], 8)
     assert errors == []
     with pytest.raises(LoraError, match=r"^loras\[1\] "):
-        LoraCache(settings_for(tmp_path)).resolve_all(requests)
+        LoraCache(cache_settings(tmp_path / "cache")).resolve_all(requests)
     assert server.count("/never.safetensors") == 0
 
 
 def test_progress_messages_show_percent_and_mb_and_are_throttled(tmp_path, server):
     server.route("/big.safetensors", body=BIG, chunk_size=16_384)
     messages: list[str] = []
-    LoraCache(settings_for(tmp_path)).resolve(LoraRequest(1, server.url("/big.safetensors"), name="big"),
+    LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(1, server.url("/big.safetensors"), name="big"),
                                               messages.append)
     assert messages[-1].startswith("loras[1] (big): downloading 100% (") and messages[-1].endswith(" MB)")
     assert 2 <= len(messages) <= 22
@@ -306,7 +301,7 @@ def test_progress_messages_show_percent_and_mb_and_are_throttled(tmp_path, serve
 
 def test_files_placed_by_hand_are_found_by_name_and_checked(tmp_path):
     root = tmp_path / "cache"
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     write_lora(root / "my_style.safetensors", seed=5)
     resolved = cache.resolve(LoraRequest(0, "my_style.safetensors"))
     assert resolved.cache_hit and resolved.path == (root / "my_style.safetensors").resolve()
@@ -326,7 +321,7 @@ def test_files_placed_by_hand_are_found_by_name_and_checked(tmp_path):
 
 def test_a_peft_folder_placed_by_hand_and_a_downloaded_entry_by_folder_name(tmp_path, server):
     root = tmp_path / "cache"
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     folder = root / "my_adapter"
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text('{"r": 4}')
@@ -340,12 +335,12 @@ def test_a_peft_folder_placed_by_hand_and_a_downloaded_entry_by_folder_name(tmp_
     assert by_name.path.resolve() == downloaded.path.resolve() and by_name.entry_key == downloaded.entry_key
     (folder / "adapter_config.json").unlink()
     with pytest.raises(LoraError, match="not a PEFT adapter folder"):
-        LoraCache(settings_for(tmp_path)).resolve(LoraRequest(0, "my_adapter"))
+        LoraCache(cache_settings(tmp_path / "cache")).resolve(LoraRequest(0, "my_adapter"))
 
 
 def test_a_hand_placed_file_is_hashed_once_per_process_until_it_changes(tmp_path):
     root = tmp_path / "cache"
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     path = write_lora(root / "a.safetensors", seed=1)
     first = cache.resolve(LoraRequest(0, "a.safetensors")).sha256
     write_lora(root / "a.safetensors", seed=2)
@@ -359,7 +354,7 @@ def test_a_hand_placed_file_is_hashed_once_per_process_until_it_changes(tmp_path
 def test_threads_asking_at_once_share_one_download_and_log_wait(tmp_path, server, caplog):
     caplog.set_level(logging.INFO, logger="sdxl_worker")
     server.route("/shared.safetensors", body=BIG, chunk_size=65_536, chunk_delay_s=0.02)
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     results: list[ResolvedLora] = []
     threads = [threading.Thread(target=lambda: results.append(
         cache.resolve(LoraRequest(0, server.url("/shared.safetensors"))))) for _ in range(4)]
@@ -413,7 +408,7 @@ def test_a_downloader_killed_midway_leaves_no_partial_entry_and_the_next_request
     assert len(temp_leftovers(root)) == 1
 
     route.chunk_delay_s = 0.0
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     assert temp_leftovers(root) == []
     resolved = cache.resolve(LoraRequest(0, url))
     assert not resolved.cache_hit and resolved.path.read_bytes() == BIG
@@ -427,7 +422,7 @@ def test_a_lock_of_another_host_is_respected_while_its_heartbeat_runs_then_broke
     caplog.set_level(logging.INFO, logger="sdxl_worker")
     server.route("/l.safetensors", body=LORA)
     url = server.url("/l.safetensors")
-    settings = settings_for(tmp_path, lock_stale_s=0.5)
+    settings = cache_settings(tmp_path / "cache", lock_stale_s=0.5)
     cache = LoraCache(settings)
     lock = tmp_path / "cache" / ".locks" / f"{LoraRequest(0, url).cache_key}.lock"
     write_owner(lock, "another-machine", 1)
@@ -451,7 +446,7 @@ def test_a_lock_of_another_host_is_respected_while_its_heartbeat_runs_then_broke
 def test_a_lock_whose_owner_died_on_this_host_is_broken_at_once(tmp_path, server):
     server.route("/l.safetensors", body=LORA)
     url = server.url("/l.safetensors")
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     write_owner(tmp_path / "cache" / ".locks" / f"{LoraRequest(0, url).cache_key}.lock", socket.gethostname(),
                 dead_pid())
     start = time.monotonic()
@@ -467,12 +462,12 @@ def test_leftovers_of_dead_owners_and_trash_are_cleaned_by_a_later_run(tmp_path)
         write_owner(root / name / ".owner", host, pid)
         (root / name / "download.part").write_bytes(b"partial")
     (root / ".trash-x").mkdir()
-    LoraCache(settings_for(tmp_path))
+    LoraCache(cache_settings(tmp_path / "cache"))
     assert temp_leftovers(root) == [".tmp-mine", ".tmp-remote"]
     old = time.time() - 7200
     for path in (root / ".tmp-remote", root / ".tmp-remote" / ".owner", root / ".tmp-remote" / "download.part"):
         os.utime(path, (old, old))
-    LoraCache(settings_for(tmp_path))
+    LoraCache(cache_settings(tmp_path / "cache"))
     assert temp_leftovers(root) == [".tmp-mine"]
 
 
@@ -480,7 +475,7 @@ def test_leftovers_of_dead_owners_and_trash_are_cleaned_by_a_later_run(tmp_path)
 
 
 def fill(tmp_path: Path, server: FaultServer, names: list[str]) -> list[ResolvedLora]:
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     resolved = []
     for seed, name in enumerate(names):
         server.route(f"/{name}.safetensors", body=lora_bytes(seed=seed))
@@ -492,8 +487,8 @@ def fill(tmp_path: Path, server: FaultServer, names: list[str]) -> list[Resolved
 def test_least_recently_used_entries_are_evicted_but_never_one_in_use(tmp_path, server, caplog):
     caplog.set_level(logging.INFO, logger="sdxl_worker")
     a, b = fill(tmp_path, server, ["a", "b"])
-    per_entry = LoraCache(settings_for(tmp_path)).stats()["size_bytes"] / 2
-    cache = LoraCache(settings_for(tmp_path, cache_max_bytes=int(2.5 * per_entry), evict_grace_s=0))
+    per_entry = LoraCache(cache_settings(tmp_path / "cache")).stats()["size_bytes"] / 2
+    cache = LoraCache(cache_settings(tmp_path / "cache", cache_max_bytes=int(2.5 * per_entry), evict_grace_s=0))
     with cache.in_use([cache.resolve(LoraRequest(0, a.request.source))]):
         server.route("/c.safetensors", body=lora_bytes(seed=9))
         c = cache.resolve(LoraRequest(0, server.url("/c.safetensors")))
@@ -508,8 +503,8 @@ def test_least_recently_used_entries_are_evicted_but_never_one_in_use(tmp_path, 
 
 def test_a_lease_of_another_machine_protects_until_it_goes_stale(tmp_path, server):
     a, b = fill(tmp_path, server, ["a", "b"])
-    per_entry = LoraCache(settings_for(tmp_path)).stats()["size_bytes"] / 2
-    cache = LoraCache(settings_for(tmp_path, cache_max_bytes=int(1.5 * per_entry), evict_grace_s=0,
+    per_entry = LoraCache(cache_settings(tmp_path / "cache")).stats()["size_bytes"] / 2
+    cache = LoraCache(cache_settings(tmp_path / "cache", cache_max_bytes=int(1.5 * per_entry), evict_grace_s=0,
                                    lease_stale_s=60))
     lease_dir = tmp_path / "cache" / ".leases" / a.entry_key
     lease_dir.mkdir(parents=True)
@@ -527,7 +522,7 @@ def test_a_lease_of_another_machine_protects_until_it_goes_stale(tmp_path, serve
 def test_recently_used_entries_are_kept_over_budget_within_the_grace_period(tmp_path, server, caplog):
     caplog.set_level(logging.INFO, logger="sdxl_worker")
     a, _ = fill(tmp_path, server, ["a", "b"])
-    cache = LoraCache(settings_for(tmp_path, cache_max_bytes=1))
+    cache = LoraCache(cache_settings(tmp_path / "cache", cache_max_bytes=1))
     server.route("/c.safetensors", body=lora_bytes(seed=9))
     cache.resolve(LoraRequest(0, server.url("/c.safetensors")))
     assert a.path.exists() and cache.stats()["entries"] == 3
@@ -536,7 +531,7 @@ def test_recently_used_entries_are_kept_over_budget_within_the_grace_period(tmp_
 
 def test_in_use_takes_leases_that_other_processes_can_see(tmp_path, server):
     (a,) = fill(tmp_path, server, ["a"])
-    cache = LoraCache(settings_for(tmp_path))
+    cache = LoraCache(cache_settings(tmp_path / "cache"))
     with cache.in_use([a]):
         leases = list((tmp_path / "cache" / ".leases" / a.entry_key).glob("*.lease"))
         assert len(leases) == 1 and json.loads(leases[0].read_text())["pid"] == os.getpid()
@@ -547,8 +542,8 @@ def test_resolve_all_keeps_its_own_earlier_entries_from_eviction(tmp_path, serve
     fill(tmp_path, server, ["old"])
     server.route("/x.safetensors", body=lora_bytes(seed=20))
     server.route("/y.safetensors", body=lora_bytes(seed=21))
-    per_entry = LoraCache(settings_for(tmp_path)).stats()["size_bytes"]
-    cache = LoraCache(settings_for(tmp_path, cache_max_bytes=int(1.5 * per_entry), evict_grace_s=0))
+    per_entry = LoraCache(cache_settings(tmp_path / "cache")).stats()["size_bytes"]
+    cache = LoraCache(cache_settings(tmp_path / "cache", cache_max_bytes=int(1.5 * per_entry), evict_grace_s=0))
     requests, _ = parse_lora_requests([server.url("/x.safetensors"), server.url("/y.safetensors")], 8)
     resolved = cache.resolve_all(requests)
     assert all(item.path.exists() for item in resolved)
@@ -580,7 +575,7 @@ def test_settings_from_env(tmp_path):
 def test_stats_report_entries_budget_and_counters(tmp_path, server):
     fill(tmp_path, server, ["a", "b"])
     write_lora(tmp_path / "cache" / "hand.safetensors")
-    stats = LoraCache(settings_for(tmp_path, cache_max_bytes=10**9)).stats()
+    stats = LoraCache(cache_settings(tmp_path / "cache", cache_max_bytes=10**9)).stats()
     assert stats["entries"] == 2 and stats["user_entries"] == 1 and stats["budget_bytes"] == 10**9
     assert stats["size_bytes"] > 2 * len(LORA)
     assert {"hits", "misses", "waits", "evictions"} <= set(stats)

@@ -21,6 +21,7 @@ from sdxl_worker.net.transfer_progress import format_size
 from sdxl_worker.request.entries import LoraRequest
 from sdxl_worker.settings import CacheSettings
 from sdxl_worker.store.cache import LoraCache
+from tests.support.factories import cache_settings
 from tests.support.servers.fake_civitai import FakeCivitai
 from tests.support.servers.fake_hub import FakeHub
 from tests.support.servers.fault_http import FaultServer
@@ -53,17 +54,14 @@ def server():
         yield running
 
 
-def settings_for(tmp_path: Path, **overrides) -> CacheSettings:
-    options = {"cache_dir": tmp_path / "cache", "allow_private_hosts": True, "retry_backoff_s": 0.01,
-               "download_retries": 0, "evict_grace_s": 0, "min_free_bytes": FLOOR, "free_check_bytes": 32_768,
-               **overrides}
-    return CacheSettings(**options)
+# A small disk: no retries, no grace period, the floor re-read every 32 KiB written.
+FLOOR_OPTIONS = {"download_retries": 0, "evict_grace_s": 0, "min_free_bytes": FLOOR, "free_check_bytes": 32_768}
 
 
 def filled(tmp_path: Path, server: FaultServer, names: str, **overrides) -> tuple[LoraCache, SmallDisk]:
     """A cache holding ``names`` (oldest first) on a disk with room for them plus half an entry above the floor."""
     disk = SmallDisk(tmp_path / "cache", capacity=10**9)
-    cache = LoraCache(settings_for(tmp_path, **overrides), free_bytes=disk)
+    cache = LoraCache(cache_settings(tmp_path / "cache", **(FLOOR_OPTIONS | overrides)), free_bytes=disk)
     for name in names:
         cache.resolve(LoraRequest(0, server.url(f"/{name}.safetensors")))
     disk.capacity = FLOOR + disk.capacity - disk() + SIZE // 2
@@ -131,7 +129,7 @@ def test_hits_and_a_floor_of_zero_never_read_the_free_space(tmp_path, server):
     assert cache.resolve(LoraRequest(0, server.url("/a.safetensors"))).cache_hit
     assert disk.reads == reads
     off = SmallDisk(tmp_path / "cache", capacity=0)
-    LoraCache(settings_for(tmp_path, min_free_bytes=0), free_bytes=off).resolve(
+    LoraCache(cache_settings(tmp_path / "cache", **(FLOOR_OPTIONS | {"min_free_bytes": 0})), free_bytes=off).resolve(
         LoraRequest(0, server.url("/b.safetensors")))
     assert off.reads == 0 and "b.safetensors" in entries(tmp_path)
 

@@ -11,6 +11,7 @@ import pytest
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.download import auth_header, disposition_filename, download_url
 from sdxl_worker.settings import CacheSettings
+from tests.support.factories import cache_settings
 from tests.support.servers.fault_http import FaultServer
 
 BODY = bytes(range(256)) * 4096 * 3  # 3 MiB
@@ -25,8 +26,8 @@ def server():
 
 @pytest.fixture
 def settings(tmp_path) -> CacheSettings:
-    return CacheSettings(cache_dir=tmp_path / "cache", allow_private_hosts=True, retry_backoff_s=0.01,
-                         connect_timeout_s=2, read_timeout_s=2, civitai_hosts=("civitai.com", "127.0.0.1"))
+    return cache_settings(tmp_path / "cache", connect_timeout_s=2, read_timeout_s=2,
+                          civitai_hosts=("civitai.com", "127.0.0.1"))
 
 
 def test_streams_to_disk_with_hash_size_and_progress(server, settings, tmp_path):

@@ -12,9 +12,9 @@ from huggingface_hub import constants as hf_constants
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.request.entries import LoraRequest
-from sdxl_worker.settings import CacheSettings
 from sdxl_worker.sources.hub import choose_files
 from sdxl_worker.store.cache import LoraCache
+from tests.support.factories import cache_settings
 from tests.support.servers.fake_hub import FakeHub
 from tests.support.servers.lora_files import lora_bytes, torch_lora_bytes
 
@@ -39,9 +39,8 @@ def hub():
 
 
 def make_cache(tmp_path: Path, hub: FakeHub, **overrides) -> LoraCache:
-    options = {"cache_dir": tmp_path / "cache", "hf_endpoint": hub.endpoint, "retry_backoff_s": 0.01,
-               "connect_timeout_s": 5, "read_timeout_s": 5, **overrides}
-    return LoraCache(CacheSettings(**options))
+    options = {"hf_endpoint": hub.endpoint, "allow_private_hosts": False, **overrides}
+    return LoraCache(cache_settings(tmp_path / "cache", **options))
 
 
 def test_single_lora_repo_is_fetched_into_the_cache_and_reused_without_the_network(tmp_path, hub):

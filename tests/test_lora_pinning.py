@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,6 +13,7 @@ from sdxl_worker.settings import CacheSettings
 from sdxl_worker.store.cache import LoraCache
 from sdxl_worker.weights.load import load_lora
 from sdxl_worker.weights.ram_cache import LoraRamCache
+from tests.support.factories import cache_settings
 from tests.support.servers.fake_civitai import FakeCivitai
 from tests.support.servers.fault_http import FaultServer
 from tests.support.servers.lora_files import lora_bytes, write_lora
@@ -27,12 +27,6 @@ def server():
         yield running
 
 
-def settings_for(tmp_path: Path, **overrides) -> CacheSettings:
-    options = {"cache_dir": tmp_path / "cache", "allow_private_hosts": True, "retry_backoff_s": 0.01,
-               "evict_grace_s": 0, **overrides}
-    return CacheSettings(**options)
-
-
 def entries(cache: LoraCache) -> list[str]:
     return sorted(path.parent.name for path in cache.root.glob("*/manifest.json"))
 
@@ -41,22 +35,22 @@ def test_a_pinned_entry_survives_budget_eviction_while_unpinned_lru_entries_go(t
     caplog.set_level(logging.INFO, logger="sdxl_worker")
     url = {name: server.url(f"/{name}.safetensors") for name in "abcd"}
     keys = {name: LoraRequest(0, url[name]).cache_key for name in "abcd"}
-    loader = LoraCache(settings_for(tmp_path))
+    loader = LoraCache(cache_settings(tmp_path / "cache", evict_grace_s=0))
     for name in "ab":
         loader.resolve(LoraRequest(0, url[name]))
         time.sleep(0.01)
     per_entry = loader.stats()["size_bytes"] / 2
-    cache = LoraCache(settings_for(tmp_path, cache_max_bytes=int(2.5 * per_entry), pinned_sources=(url["a"],)))
+    cache = LoraCache(cache_settings(tmp_path / "cache", evict_grace_s=0, cache_max_bytes=int(2.5 * per_entry), pinned_sources=(url["a"],)))
     assert cache.pinned_keys == {keys["a"]}
     cache.resolve(LoraRequest(0, url["c"]))
     assert entries(cache) == sorted([keys["a"], keys["c"]])  # b, not the older pinned a, made room
     cache.resolve(LoraRequest(0, url["d"]))
     assert entries(cache) == sorted([keys["a"], keys["d"]])
-    tight = LoraCache(settings_for(tmp_path, cache_max_bytes=1, pinned_sources=(url["a"],)))
+    tight = LoraCache(cache_settings(tmp_path / "cache", evict_grace_s=0, cache_max_bytes=1, pinned_sources=(url["a"],)))
     tight.resolve(LoraRequest(0, url["b"]))
     assert entries(tight) == sorted([keys["a"], keys["b"]])  # d went; a stays although over the budget
     assert "over its budget" in caplog.text and "the rest is pinned, in use or recent" in caplog.text
-    unpinned = LoraCache(settings_for(tmp_path, cache_max_bytes=1))
+    unpinned = LoraCache(cache_settings(tmp_path / "cache", evict_grace_s=0, cache_max_bytes=1))
     unpinned.resolve(LoraRequest(0, url["c"]))
     assert entries(unpinned) == [keys["c"]]  # the control: without the pin, a goes like any other
 
@@ -64,11 +58,11 @@ def test_a_pinned_entry_survives_budget_eviction_while_unpinned_lru_entries_go(t
 def test_every_source_form_pins_its_entry(tmp_path, server):
     civitai = FakeCivitai(server)
     civitai.add_version(4242, lora_bytes(seed=7))
-    cache = LoraCache(settings_for(tmp_path, civitai_api_base=civitai.base))
+    cache = LoraCache(cache_settings(tmp_path / "cache", evict_grace_s=0, civitai_api_base=civitai.base))
     downloaded = cache.resolve(LoraRequest(0, server.url("/a.safetensors")))
     from_civitai = cache.resolve(LoraRequest(0, "civitai:4242"))
     write_lora(tmp_path / "cache" / "by-hand.safetensors")
-    pinned = LoraCache(settings_for(tmp_path, civitai_api_base=civitai.base, pinned_sources=(
+    pinned = LoraCache(cache_settings(tmp_path / "cache", evict_grace_s=0, civitai_api_base=civitai.base, pinned_sources=(
         "urn:air:pony:lora:civitai:1@4242", downloaded.entry_key, "by-hand.safetensors", "owner/repo")))
     assert pinned.pinned_keys == {from_civitai.entry_key, downloaded.entry_key, LoraRequest(0, "owner/repo").cache_key}
 

@@ -11,10 +11,11 @@ import pytest
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.retry import Failure, retry_after_s, with_retries
 from sdxl_worker.settings import CacheSettings
+from tests.support.factories import cache_settings
 
 
 def settings(tmp_path, **options) -> CacheSettings:
-    return CacheSettings(**{"cache_dir": tmp_path, "download_retries": 2, "retry_backoff_s": 0.01, **options})
+    return cache_settings(tmp_path, **({"download_retries": 2} | options))
 
 
 class Flaky:
