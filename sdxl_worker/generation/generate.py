@@ -1,4 +1,4 @@
-"""Step 4 of a job: run the SDXL pipelines for validated parameters and return PIL images.
+"""Step 5 of a job (generate): run the SDXL pipelines for validated parameters and return PIL images.
 
 - No ``image_url``, no refiner: the base pipeline alone.
 - No ``image_url``, with a refiner: the base denoises (up to ``high_noise_frac`` when given) and hands its latents to

@@ -1,4 +1,4 @@
-"""Last step of a job: encode images as PNG data URIs, or upload them with the runpod SDK when a bucket is set.
+"""Step 7 of a job (encode): images as PNG data URIs, or upload them with the runpod SDK when a bucket is set.
 
 Upload is on when ``BUCKET_ENDPOINT_URL`` is set; ``BUCKET_ACCESS_KEY_ID`` and ``BUCKET_SECRET_ACCESS_KEY`` must
 then be set too (the SDK would otherwise save to a local folder and return a local path, silently).

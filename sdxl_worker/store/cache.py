@@ -161,16 +161,6 @@ class LoraCache:
             resolved.append(self._resolve(request, progress, protect))
         return resolved
 
-    def has_local_copy(self, request: LoraRequest) -> bool:
-        """Whether resolving ``request`` should need no network: a cache name, or a downloaded entry on disk.
-
-        A look at the manifest only; ``resolve`` still verifies the entry and fetches it again if that fails.
-        """
-        if request.kind is SourceKind.CACHE:
-            return True
-        manifest = read_manifest(self.root / request.cache_key)
-        return manifest is not None and (request.sha256 is None or request.sha256 == manifest.sha256)
-
     @contextmanager
     def in_use(self, resolved: Iterable[ResolvedLora]) -> Iterator[None]:
         """Protect these entries from eviction, by this and every other process, until the block ends."""

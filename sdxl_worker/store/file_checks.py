@@ -6,7 +6,7 @@
 - Any other extension is refused. HTML and JSON pages served under a LoRA's name are recognized and named as such.
 - PEFT folders: ``adapter_config.json`` (a JSON object) plus ``adapter_model.safetensors`` (or ``.bin``).
 
-Tensor names are not checked: telling LoRA formats apart is ``lora.formats``'s job.
+Tensor names are not checked: telling LoRA formats apart is ``weights.load``'s job (and its adapters').
 """
 
 from __future__ import annotations
