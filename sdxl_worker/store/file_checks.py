@@ -140,7 +140,7 @@ def peft_weights(folder: Path) -> Path:
     """The adapter weights file of a valid PEFT folder; ``LoraError`` if the folder is not one."""
     try:
         config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         config = None
     if not isinstance(config, dict):
         raise LoraError(f"not a PEFT adapter folder: {PEFT_CONFIG} is missing or not a JSON object")

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import secrets
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,25 +50,50 @@ class Manifest:
     base_model: str | None = None
 
 
-_FIELDS = tuple(item.name for item in dataclasses.fields(Manifest))
+_FIELD_TYPES = typing.get_type_hints(Manifest)
 
 
-def _relative_inside(value: object) -> bool:
-    return (isinstance(value, str) and bool(value) and not value.startswith("/")
-            and ".." not in value.split("/") and "\\" not in value)
+def _of_type(value: object, kind: object) -> bool:
+    """Whether a JSON ``value`` has the field type ``kind`` (``str``, ``int``, ``float``, ``X | None``,
+    ``list[str]``); booleans are not numbers, and floats must be finite."""
+    if isinstance(kind, types.UnionType):
+        return any(_of_type(value, option) for option in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_of_type(element, item) for element in value)
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)  # type: ignore[arg-type]
+
+
+def _relative_inside(value: str) -> bool:
+    """A relative path below the entry folder: no empty, ``.`` or ``..`` part, no backslash."""
+    return not value.startswith("/") and "\\" not in value and all(
+        part not in ("", ".", "..") for part in value.split("/"))
 
 
 def read_manifest(entry: Path) -> Manifest | None:
-    """The entry's manifest, or ``None`` when missing, unreadable, of another version or pointing outside."""
+    """The entry's manifest, or ``None`` (the entry is corrupt: re-fetched by a job, left out of listings) when
+    missing, unreadable, of another version, with a field of the wrong type, or pointing outside the entry."""
     try:
         data = json.loads((entry / MANIFEST_NAME).read_text(encoding="utf-8"))
-        manifest = Manifest(**{name: data[name] for name in _FIELDS if name in data})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    fields = {name: data[name] for name in _FIELD_TYPES if name in data}
+    if not all(_of_type(value, _FIELD_TYPES[name]) for name, value in fields.items()):
+        return None
+    try:
+        manifest = Manifest(**fields)
+    except TypeError:  # a required field missing
         return None
     if (manifest.version != VERSION or manifest.kind not in ("file", "peft")
-            or not (_relative_inside(manifest.path) and _relative_inside(manifest.weights))
-            or not (isinstance(manifest.trigger_words, list)
-                    and all(isinstance(word, str) for word in manifest.trigger_words))):
+            or not (_relative_inside(manifest.path) and _relative_inside(manifest.weights))):
         return None
     return manifest
 

@@ -39,6 +39,8 @@ PEFT_PREFIX = "base_model.model."
 _DOWN_SUFFIXES = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight", ".lora_linear_layer.down.weight")
 _UP_OF_DOWN = {".lora_down.weight": ".lora_up.weight", ".lora.down.weight": ".lora.up.weight",
                ".lora_A.weight": ".lora_B.weight", ".lora_linear_layer.down.weight": ".lora_linear_layer.up.weight"}
+_FACTOR_SUFFIXES = (*_DOWN_SUFFIXES, *_UP_OF_DOWN.values())
+_SHOWN_KEYS = 3
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
@@ -78,9 +80,39 @@ def _read_file(path: Path, device: torch.device | str) -> dict[str, torch.Tensor
     raise LoraError(f"{path.name}: unsupported file type {suffix!r} (use .safetensors, .pt, .bin or .ckpt)")
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_peft_config(config: object, name: str) -> None:
+    """Raise ``LoraError`` naming the field when the ``adapter_config.json`` of the folder ``name`` cannot give each
+    module's scale: ``r`` a positive integer, ``lora_alpha`` a finite number, ``rank_pattern``/``alpha_pattern``
+    objects of those."""
+    if not isinstance(config, dict):
+        raise LoraError(f"{name}: {PEFT_CONFIG} is not a JSON object")
+    problems = []
+    if not _positive_int(config.get("r", 8)):
+        problems.append(f"r must be a positive integer, got {config.get('r')!r:.40}")
+    if not _finite_number(config.get("lora_alpha", 8)):
+        problems.append(f"lora_alpha must be a finite number, got {config.get('lora_alpha')!r:.40}")
+    for field_name, valid, what in (("rank_pattern", _positive_int, "positive integers"),
+                                    ("alpha_pattern", _finite_number, "finite numbers")):
+        pattern = config.get(field_name) or {}
+        if not isinstance(pattern, dict) or not all(valid(value) for value in pattern.values()):
+            problems.append(f"{field_name} must map module names to {what}, got {pattern!r:.60}")
+    if problems:
+        raise LoraError(f"{name}: {PEFT_CONFIG}: " + "; ".join(problems))
+
+
 def _peft_scale(config: dict, module_path: str) -> float:
-    """PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), honouring ``rank_pattern`` and ``alpha_pattern``."""
-    rank, alpha = config.get("r", 8), config.get("lora_alpha", config.get("r", 8))
+    """PEFT's ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), honouring ``rank_pattern`` and ``alpha_pattern``
+    (``config`` passed ``check_peft_config``)."""
+    rank = config.get("r", 8)
+    alpha = config.get("lora_alpha", rank)
     for pattern, value in (config.get("rank_pattern") or {}).items():
         if module_path == pattern or module_path.endswith("." + pattern):
             rank = value
@@ -92,7 +124,11 @@ def _peft_scale(config: dict, module_path: str) -> float:
 
 def _read_peft_folder(folder: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
     """A PEFT adapter folder as ``<component>.<module>.lora_A/B.weight`` keys with the scale folded into B."""
-    config = json.loads((folder / PEFT_CONFIG).read_text())
+    try:
+        config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise LoraError(f"{folder.name}: {PEFT_CONFIG} could not be read ({type(error).__name__})") from None
+    check_peft_config(config, folder.name)
     refuse_unsupported_peft(config, folder.name)
     weights = find_peft_weights(folder)
     if weights is None:
@@ -127,6 +163,31 @@ def cast_factors(state: dict[str, torch.Tensor], device: torch.device | str,
         cast[key] = value.to(device=device, dtype=dtype, copy=storage in seen)
         seen.add(storage)
     return cast
+
+
+def check_factors(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise ``LoraError`` naming the keys when a factor of the file ``name`` is not a matrix (or conv kernel) with
+    every dimension above 0, or an ``.alpha`` is not a single number."""
+    bad = [f"{key} {tuple(tensor.shape)}" for key, tensor in state.items()
+           if (key.endswith(_FACTOR_SUFFIXES) and (tensor.dim() < 2 or 0 in tensor.shape))
+           or (key.endswith(".alpha") and tensor.numel() != 1)]
+    if bad:
+        raise LoraError(f"{name}: {len(bad)} malformed tensor(s): factors must be matrices of rank >= 1 and each "
+                        f"alpha a single number, e.g. {bad[:_SHOWN_KEYS]}")
+
+
+def refuse_non_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise ``LoraError`` naming the keys when a tensor of the file ``name`` (factors in the pipeline's dtype,
+    alphas) holds NaN or an infinity. One device-to-host transfer for all tensors."""
+    if not state:
+        return
+    keys = list(state)
+    sums = torch.stack([state[key].sum(dtype=torch.float32) for key in keys])  # NaN or inf iff an element is
+    finite = torch.isfinite(sums).cpu().tolist()
+    bad = [key for key, ok in zip(keys, finite) if not ok]
+    if bad:
+        raise LoraError(f"{name}: {len(bad)} tensor(s) hold NaN or infinite values (or overflow the pipeline's "
+                        f"dtype), e.g. {bad[:_SHOWN_KEYS]}")
 
 
 def fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,7 +257,10 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
     if not state:
         raise LoraError(f"{path.name} holds no tensors")
     refuse_unsupported(state, path.name)
-    state = fold_alphas(cast_factors(state, device, dtype))
+    check_factors(state, path.name)
+    state = cast_factors(state, device, dtype)
+    refuse_non_finite(state, path.name)
+    state = fold_alphas(state)
     converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet_config)
     components: dict[str, dict[str, WeightAdapter]] = {}
     unmatched: list[str] = []

@@ -21,6 +21,12 @@ cache manifest) come first, then the file's, each once (``with_published_words``
 ``base_model_problem`` refuses a LoRA whose metadata names a family other than SDXL; missing or unrecognized
 metadata is allowed (``fusion``'s shape check still guards).
 
+Parsing is bounded (``bounded_json``), so a hostile header costs little and raises nothing: a header over
+``MAX_METADATA_HEADER_BYTES``, nested deeper than a safetensors header is (``HEADER_DEPTH``) or with more than
+``MAX_HEADER_KEYS`` keys is not read (no metadata; text encoders assumed patched); an ``ss_tag_frequency`` over
+``MAX_TAG_FREQUENCY_BYTES``, deeper than ``{dataset: {tag: count}}`` or with more than ``MAX_HEADER_KEYS`` keys gives
+no tag trigger words; at most ``MAX_METADATA_FIELDS`` ``__metadata__`` fields are read.
+
 ``may_patch_text_encoders`` tells from the header's tensor names whether a LoRA may change a text encoder, so a job
 can choose its order (``weights.session``) before any tensor is read.
 """
@@ -31,6 +37,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import struct
 from collections import Counter
 from collections.abc import Iterable
@@ -48,6 +55,15 @@ SDXL = "SDXL"
 MAX_TAG_TRIGGER_WORDS = 3
 MAX_PHRASE_TRIGGER_WORDS = 10
 MAX_TEXT_CHARS = 200
+# A LoRA's header: ~500 kB for an SDXL LoRA with both text encoders, more with a long ss_tag_frequency or thumbnail.
+MAX_METADATA_HEADER_BYTES = 16 * 1024 * 1024
+HEADER_DEPTH = 3                # {name: {"shape": [...]}}
+TAG_FREQUENCY_DEPTH = 2         # {dataset: {tag: count}}
+MAX_HEADER_KEYS = 200_000       # ~3 keys a tensor: ~65000 tensors
+MAX_METADATA_FIELDS = 1_000     # kohya writes ~60
+MAX_TAG_FREQUENCY_BYTES = 4 * 1024 * 1024
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 # Tensor names that parsing (``weights.load``) can route to a text encoder: kohya ``lora_te_``/``lora_te1_``/
 # ``lora_te2_`` and diffusers ``text_encoder.``/``text_encoder_2.`` in a file; ``text_model.`` in a PEFT folder.
 TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")
@@ -77,6 +93,26 @@ class LoraMetadata:
         return {"name": self.name, "base_model": self.base_model, "trigger_words": list(self.trigger_words)}
 
 
+def bounded_json(data: bytes, max_depth: int, max_keys: int) -> Any:
+    """``data`` parsed as JSON, or ``None`` when it is not JSON, nests deeper than ``max_depth`` or holds more than
+    ``max_keys`` object keys. The bounds are checked on the text (strings stripped) before parsing, in linear time."""
+    bare = _JSON_STRING.sub(b'""', data)
+    if bare.count(b":") > max_keys:
+        return None
+    brackets = _JSON_BRACKET.findall(bare)
+    if len(brackets) > 4 * (max_keys + 1):  # a header or tag table has at most ~2 brackets per key
+        return None
+    depth = 0
+    for bracket in brackets:
+        depth += 1 if bracket in (b"{", b"[") else -1
+        if depth > max_depth:
+            return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _read_header(path: Path) -> dict[str, Any] | None:
     """The JSON header of a safetensors file (tensor names and ``__metadata__``), or ``None`` when it cannot be
     read."""
@@ -84,10 +120,10 @@ def _read_header(path: Path) -> dict[str, Any] | None:
         with path.open("rb") as handle:
             head = handle.read(8)
             length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            if not 2 <= length <= MAX_HEADER_BYTES:
+            if not 2 <= length <= min(MAX_HEADER_BYTES, MAX_METADATA_HEADER_BYTES):
                 return None
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError) as error:
+            header = bounded_json(handle.read(length), HEADER_DEPTH, MAX_HEADER_KEYS)
+    except OSError as error:
         LOG.debug("no header read from %s: %s", path.name, error)
         return None
     return header if isinstance(header, dict) else None
@@ -98,7 +134,8 @@ def read_header_metadata(path: Path) -> dict[str, str]:
     metadata = (_read_header(path) or {}).get("__metadata__")
     if not isinstance(metadata, dict):
         return {}
-    return {str(key): value for key, value in metadata.items() if isinstance(value, str)}
+    fields = (item for item in metadata.items() if isinstance(item[1], str))
+    return {str(key): value for _, (key, value) in zip(range(MAX_METADATA_FIELDS), fields)}
 
 
 def _header_file(path: Path) -> Path | None:
@@ -153,10 +190,10 @@ def _base_model(fields: dict[str, str]) -> tuple[str | None, str | None, str | N
 
 
 def _tag_words(raw: str | None) -> tuple[str, ...]:
-    try:
-        datasets = json.loads(raw) if raw else {}
-    except ValueError:
+    encoded = (raw or "").encode("utf-8", "replace")
+    if len(encoded) > MAX_TAG_FREQUENCY_BYTES:
         return ()
+    datasets = bounded_json(encoded, TAG_FREQUENCY_DEPTH, MAX_HEADER_KEYS) if encoded else {}
     counts: Counter[str] = Counter()
     for tags in datasets.values() if isinstance(datasets, dict) else ():
         for tag, count in tags.items() if isinstance(tags, dict) else ():
@@ -187,7 +224,7 @@ def metadata_from_fields(fields: dict[str, str], base_model_hint: str | None = N
 def _peft_base_model(folder: Path) -> str | None:
     try:
         value = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return value if isinstance(value, str) else None
 

@@ -65,7 +65,9 @@ class ApplyReport:
 @dataclass
 class _Target:
     module: torch.nn.Module
+    path: str
     parts: list[tuple[WeightAdapter, float]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
 
 
 def fused_weight(weight: torch.Tensor, parts: list[tuple[WeightAdapter, float]],
@@ -89,6 +91,23 @@ def _reusable(buffer: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor
     if buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype:
         return None
     return buffer if buffer.device == weight.device and buffer.is_contiguous() else None
+
+
+def _refuse_non_finite(targets: list[_Target], sums: list[torch.Tensor]) -> None:
+    """Raise ``LoraError`` naming the LoRAs of the first module whose fused weight holds NaN or an infinity (the merge
+    overflowed the weight's dtype). ``sums`` holds each target's float32 sum, non-finite exactly when an element is
+    (a sum of real weights stays far below float32's range); a sum costs a sixth of ``isfinite(w).all()`` on a CPU,
+    and all are read in one device-to-host transfer."""
+    if not sums:
+        return
+    flags = torch.isfinite(torch.stack(sums)).cpu().tolist()
+    bad = [target for target, ok in zip(targets, flags) if not ok]
+    if bad:
+        first = bad[0]
+        scales = ", ".join(f"{label} at scale {scale:g}" for label, (_, scale) in zip(first.labels, first.parts))
+        raise LoraError(f"{'; '.join(dict.fromkeys(first.labels))}: fusing gives NaN or infinite weights in "
+                        f"{len(bad)} module(s), e.g. {first.path} ({scales}; the result overflows "
+                        f"{first.module.weight.dtype}); use a smaller scale")
 
 
 class LoraPatcher:
@@ -164,12 +183,14 @@ class LoraPatcher:
                 continue
             for component, found in modules.items():
                 for path, module in found.items():
-                    target = targets.setdefault(id(module), _Target(module))
+                    target = targets.setdefault(id(module), _Target(module, f"{component}.{path}"))
                     target.parts.append((item.lora.components[component][path], float(item.scale)))
+                    target.labels.append(item.label)
         key = tuple((item.lora.sha256, float(item.scale)) for item in loras if item.scale != 0)
         reused = self.reuse_fused and key == self._kept_key and bool(self._kept)
         buffers = self._take_buffers() if targets and not reused else {}
         start = time.perf_counter()
+        sums: list[torch.Tensor] = []
         try:
             for target in targets.values():
                 weight = target.module.weight
@@ -180,8 +201,10 @@ class LoraPatcher:
                     # path applies inside the pipeline call (inference mode), the sequential path outside it.
                     with torch.inference_mode(False):
                         fused = fused_weight(weight, target.parts, out=_reusable(buffers.pop(weight, None), weight))
+                    sums.append(fused.sum(dtype=torch.float32))  # NaN or inf iff an element is
                 self._originals[weight] = weight.data
                 weight.data = fused
+            _refuse_non_finite(list(targets.values()), sums)
             if self.reuse_fused and targets and not reused:
                 self._kept_key, self._kept = key, {weight: weight.data for weight in self._originals}
             if weight_device := next((t.module.weight.device for t in targets.values()), None):
