@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from sdxl_worker.errors import JobError, LoraError
-from sdxl_worker.generation.generate import first_unet, generate
+from sdxl_worker.generation.generate import first_unet, generate, step_errors
 from sdxl_worker.generation.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.generation.progress import JobProgress
 from sdxl_worker.net.redact import scrub
@@ -142,6 +142,7 @@ class Worker:
         if params.image_url is not None:
             with timer.phase("load_image"):
                 init_image = await asyncio.to_thread(load_init_image, params.image_url, self.lora_cache.settings)
+        raise_if_any(step_errors(params, self.pipes.refiner is not None))  # after image_url's own errors
         session = None
         if params.loras:
             with timer.phase("lora_wait"), timer.phase("lora_fetch"):

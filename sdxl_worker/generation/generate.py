@@ -51,18 +51,46 @@ def _step_reporter(on_step: StepCallback, offset: int, total: int):
     return callback
 
 
+def _strength_steps(steps: int, strength: float) -> int:
+    """Steps an img2img call runs at ``strength`` (diffusers' ``get_timesteps``)."""
+    return min(int(steps * strength), steps)
+
+
+def _strength_field(params: JobParams, has_refiner: bool) -> str | None:
+    """The steps field an img2img-at-``strength`` call of this job uses, or None when no call denoises by strength."""
+    if params.image_url is not None:
+        return "refiner_inference_steps" if has_refiner else "num_inference_steps"
+    return "refiner_inference_steps" if has_refiner and params.high_noise_frac is None else None
+
+
+def step_errors(params: JobParams, has_refiner: bool) -> list[str]:
+    """Why a strength-based call of this job would run no denoising step (``int(steps * strength) == 0``), naming
+    the fields and the smallest values that work; empty when every call runs at least one step."""
+    field = _strength_field(params, has_refiner)
+    if field is None:
+        return []
+    steps = getattr(params, field)
+    if _strength_steps(steps, params.strength) >= 1:
+        return []
+    least_steps = next((n for n in range(steps, 151) if _strength_steps(n, params.strength) >= 1), None)
+    remedy = f"{field} to at least {least_steps} or " if least_steps is not None else ""
+    call = "img2img of image_url" if params.image_url is not None else "the refiner's img2img"
+    return [f"strength: {call} at strength {params.strength:g} with {field} {steps} runs no denoising step "
+            f"(int({steps} * {params.strength:g}) = 0); raise {remedy}strength to at least {1 / steps:.3g}"]
+
+
 def _planned_steps(params: JobParams, pipes: Pipelines) -> tuple[int, int]:
     """Steps the base and the refiner will run (diffusers' own arithmetic), for step i of N progress."""
     if params.image_url is not None:
         steps = params.refiner_inference_steps if pipes.refiner is not None else params.num_inference_steps
-        return 0, max(1, int(steps * params.strength))
+        return 0, _strength_steps(steps, params.strength)
     if pipes.refiner is None:
         return params.num_inference_steps, 0
     if params.high_noise_frac is not None:
         base = int(round(params.num_inference_steps * params.high_noise_frac))
         refined = params.refiner_inference_steps
         return base, refined - int(round(refined * params.high_noise_frac))
-    return params.num_inference_steps, max(1, int(params.refiner_inference_steps * params.strength))
+    return params.num_inference_steps, _strength_steps(params.refiner_inference_steps, params.strength)
 
 
 def first_unet(pipes: Pipelines, init_image: Image.Image | None) -> torch.nn.Module:

@@ -26,6 +26,7 @@ SCHEDULERS = (
 )
 MAX_PROMPT_CHARS = 10_000
 MAX_IMAGES = 4
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 2048
 ACTIONS = ("list_loras", "prefetch", "evict", "cache_stats")
 MAX_ACTION_LORAS = 32
 
@@ -50,7 +51,7 @@ def _number_in(low: float, high: float):
 
 
 def _image_side(value: Any) -> bool:
-    return _is_int(value) and 64 <= value <= 2048 and value % 8 == 0
+    return _is_int(value) and MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE and value % 8 == 0
 
 
 def _text(max_chars: int):
@@ -80,14 +81,14 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
         "required": False,
         "default": 1024,
         "constraints": _image_side,
-        "describe": "an integer multiple of 8 within 64..2048",
+        "describe": f"an integer multiple of 8 within {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}",
     },
     "width": {
         "type": int,
         "required": False,
         "default": 1024,
         "constraints": _image_side,
-        "describe": "an integer multiple of 8 within 64..2048",
+        "describe": f"an integer multiple of 8 within {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE}",
     },
     "seed": {
         "type": int,

@@ -4,8 +4,11 @@
 - Acquire: create the lock file with ``O_CREAT | O_EXCL`` and write an owner record (``owners``) into it. While
   held, a ``Heartbeat`` refreshes its mtime every ``heartbeat_s``.
 - Wait: poll. The lock is stale when its holder is dead on this host (pid gone, zombie or reused), or, for a holder
-  on another host or with no readable record, when this waiter has seen the file unchanged (inode, size, mtime) for
+  on another host, when this waiter has seen the file unchanged (inode, size, mtime) for
   ``stale_s`` by its own monotonic clock, so the clocks of different machines are never compared.
+- A file with no readable owner record (empty, garbage, cut short) is garbage, not a holder: a holder writes its
+  record right after creating the file. It is stale once its mtime is ``RECORDLESS_GRACE_S`` old by this machine's
+  clock (the grace covers that write, and clock skew for a lock being created on another host).
 - ``try_acquire`` (eviction, which never waits) cannot watch a file over time: it takes a foreign holder's lock as
   stale when its mtime is older than ``stale_s`` by this machine's clock.
 - Break: rename the stale file to a unique name (only one waiter wins), check it is the very file judged stale,
@@ -29,6 +32,7 @@ from sdxl_worker.store.owners import Heartbeat, owner_alive, owner_record, read_
 
 LOG = logging.getLogger(__name__)
 FileIdentity = tuple[int, int, int]
+RECORDLESS_GRACE_S = 10.0
 
 
 def describe_owner(record: dict[str, Any] | None) -> str:
@@ -53,7 +57,7 @@ class EntryLock:
     def _create(self) -> bool:
         record = owner_record()
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = self._open_new()
         except FileExistsError:
             return False
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -63,6 +67,19 @@ class EntryLock:
         self._token = record["token"]
         self._heartbeat.add(self.path)
         return True
+
+    def _open_new(self) -> int:
+        """Create the lock file exclusively; its folder is created again if it went (the cache folder deleted)."""
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+        try:
+            return os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, flags, 0o644)
+
+    def _garbage(self, record: dict[str, Any] | None, identity: FileIdentity) -> bool:
+        """A lock file without an owner record, older than ``RECORDLESS_GRACE_S``."""
+        return record is None and time.time() - identity[2] / 1e9 > RECORDLESS_GRACE_S
 
     def _observe(self) -> tuple[dict[str, Any] | None, FileIdentity] | None:
         try:
@@ -88,15 +105,16 @@ class EntryLock:
         moved.unlink(missing_ok=True)
 
     def try_acquire(self) -> bool:
-        """Take the lock now if it is free, its holder is dead on this host, or (another host) its mtime is older
-        than ``stale_s`` by this machine's clock; never waits."""
+        """Take the lock now if it is free, its holder is dead on this host, it holds no record (past the grace), or
+        (another host) its mtime is older than ``stale_s`` by this machine's clock; never waits."""
         if self._create():
             return True
         observed = self._observe()
         if observed is not None:
             record, identity = observed
             alive = owner_alive(record)
-            if alive is False or (alive is None and time.time() - identity[2] / 1e9 > self._stale_s):
+            if alive is False or self._garbage(record, identity) or (
+                    alive is None and time.time() - identity[2] / 1e9 > self._stale_s):
                 self._break(identity, record)
         return self._create()
 
@@ -116,7 +134,8 @@ class EntryLock:
             if identity != seen:
                 seen, seen_since = identity, now
             alive = owner_alive(record)
-            if alive is False or (alive is None and now - seen_since >= self._stale_s):
+            watched_out = alive is None and now - seen_since >= self._stale_s
+            if alive is False or self._garbage(record, identity) or watched_out:
                 self._break(identity, record)
                 continue
             if not waited and on_wait is not None:

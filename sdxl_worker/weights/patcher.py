@@ -143,30 +143,38 @@ class LoraPatcher:
         return found
 
     def check(self, lora: ParsedLora, label: str) -> dict[str, dict[str, torch.nn.Module]]:
-        """Map every adapter of ``lora`` to its module, or raise ``LoraError`` with matched/total counts."""
+        """Map every adapter of ``lora`` to its module, or raise ``LoraError`` with matched/total counts: adapters whose
+        own ranks disagree (a broken file) are told apart from those that do not fit this model."""
         mapped: dict[str, dict[str, torch.nn.Module]] = {}
-        missing, misfit, total = [], [], 0
+        broken, missing, misfit, total = [], [], [], 0
         for component, modules in lora.components.items():
             mapped[component] = {}
             for path, adapter in modules.items():
                 total += 1
                 module = self._find(component, path)
-                if module is None:
+                if (defect := adapter.defect()) is not None:
+                    broken.append(f"{component}.{path} ({defect})")
+                elif module is None:
                     missing.append(f"{component}.{path}")
                 elif (problem := adapter.misfit(module)) is not None:
                     misfit.append(f"{component}.{path} ({problem})")
                 else:
                     mapped[component][path] = module
-        if missing or misfit:
-            matched = total - len(missing) - len(misfit)
-            problems = []
-            if missing:
-                problems.append(f"{len(missing)} name no module of this model, e.g. {missing[:_SHOWN_PROBLEMS]}")
-            if misfit:
-                problems.append(f"{len(misfit)} do not fit the weight's shape, e.g. {misfit[:_SHOWN_PROBLEMS]}")
-            raise LoraError(f"{label}: only {matched}/{total} LoRA modules match this SDXL model; "
-                            + "; ".join(problems) + " (a LoRA for another base model, such as SD 1.5 or Flux?)")
-        return mapped
+        broken_text = (f"{len(broken)} are broken in the file itself: their up and down ranks disagree, e.g. "
+                       f"{broken[:_SHOWN_PROBLEMS]} (a corrupt or badly converted LoRA)") if broken else ""
+        if not missing and not misfit:
+            if broken:
+                raise LoraError(f"{label}: {len(broken)}/{total} LoRA modules cannot be applied to any model; "
+                                + broken_text)
+            return mapped
+        problems = [broken_text] if broken else []
+        if missing:
+            problems.append(f"{len(missing)} name no module of this model, e.g. {missing[:_SHOWN_PROBLEMS]}")
+        if misfit:
+            problems.append(f"{len(misfit)} do not fit the weight's shape, e.g. {misfit[:_SHOWN_PROBLEMS]}")
+        matched = total - len(broken) - len(missing) - len(misfit)
+        raise LoraError(f"{label}: only {matched}/{total} LoRA modules match this SDXL model; " + "; ".join(problems)
+                        + " (a LoRA for another base model, such as SD 1.5 or Flux?)")
 
     @torch.no_grad()
     def apply(self, loras: list[ScaledLora]) -> list[ApplyReport]:

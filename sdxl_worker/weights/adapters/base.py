@@ -26,6 +26,10 @@ class WeightAdapter(ABC):
         """The adapter built from one module's ``keys`` (named relative to the module), or None when they are not
         (all) of this type."""
 
+    def defect(self) -> str | None:
+        """What is wrong with the adapter's own tensors whatever the model (ranks that disagree), or None."""
+        return None
+
     @abstractmethod
     def misfit(self, module: torch.nn.Module) -> str | None:
         """None when this adapter can update ``module``'s weight, else what does not fit (shapes, for the error)."""

@@ -30,6 +30,12 @@ class LoraAdapter(WeightAdapter):
             return None
         return cls(down=keys[DOWN], up=keys[UP])
 
+    def defect(self) -> str | None:
+        """The ranks of ``down`` (rows) and ``up`` (columns) when they disagree: no model can take that pair."""
+        if self.down.dim() < 2 or self.up.dim() < 2 or self.down.shape[0] == self.up.shape[1]:
+            return None
+        return f"down rank {self.down.shape[0]}, up rank {self.up.shape[1]}"
+
     def misfit(self, module: torch.nn.Module) -> str | None:
         """None when ``up @ down`` has the shape of the Linear's or Conv2d's weight (1x1 up, down with the kernel)."""
         if self._fits(module):
