@@ -282,3 +282,25 @@ def test_redirects_from_an_allowed_public_host_to_internal_ones_are_refused_for_
     assert report["public_counts"]["image-to-internal"] == 1
     assert report["internal_requests"] == 0
     assert report["cache_problems"] == [] and report["entries"] == 1
+
+
+@pytest.mark.parametrize("token_setting", ["hf", "civitai"])
+def test_a_backslash_before_an_at_sign_never_sends_a_token_to_the_host_really_connected_to(
+        make_handler, server, tmp_path, caplog, token_setting):
+    """``http://127.0.0.1:PORT\\@localhost/...``: ``urllib.parse`` reads the host as ``localhost`` (the token's host
+    here), ``requests`` connects to 127.0.0.1:PORT (the attacker). The URL is refused, as a LoRA and as
+    ``image_url``; the attacker's server receives no request, and the token is in no result or log line."""
+    caplog.set_level(logging.DEBUG)
+    tokens = ({"hf_token": HF_SECRET, "hf_endpoint": "http://localhost"} if token_setting == "hf" else
+              {"civitai_token": CIVITAI_SECRET, "civitai_hosts": ("localhost",)})
+    handler = make_handler(cache_settings(tmp_path / "cache", **FAULT_TIMINGS, **tokens))
+    attacker = f"http://127.0.0.1:{server.port}\\@localhost/good.safetensors"
+    before = len(server.requests)
+    results = [run_through_sdk(handler, job([{"path": attacker, "name": "leak"}])),
+               run_through_sdk(handler, job(image_url=attacker))]
+    assert "loras[0]" in results[0]["error"] and "backslash" in results[0]["error"], results[0]
+    assert results[1]["error"].startswith("image_url: refused URL") and "backslash" in results[1]["error"]
+    assert server.requests[before:] == []
+    for text in [repr(results), caplog.text]:
+        assert CIVITAI_SECRET not in text and HF_SECRET not in text
+    assert cache_problems(tmp_path / "cache") == [] and entry_keys(tmp_path / "cache") == []

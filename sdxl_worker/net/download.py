@@ -36,7 +36,7 @@ from sdxl_worker.net.chunk_writer import ChunkWriter
 from sdxl_worker.net.redact import QueryRedactingFilter, public_url, redact_url
 from sdxl_worker.net.retry import Failure, retry_after_s, with_retries
 from sdxl_worker.net.transfer_progress import format_size
-from sdxl_worker.net.url_safety import check_url, guarded_session
+from sdxl_worker.net.url_safety import check_url, guarded_session, url_host
 from sdxl_worker.request.civitai_refs import is_civitai_host
 from sdxl_worker.settings import CacheSettings
 
@@ -75,25 +75,27 @@ class Retryable(Exception):
 
 
 def _is_civitai(host: str, settings: CacheSettings) -> bool:
-    return is_civitai_host(host, settings.civitai_hosts) or host == urlsplit(settings.civitai_api_base).hostname
+    return is_civitai_host(host, settings.civitai_hosts) or host == url_host(settings.civitai_api_base)
 
 
 def auth_header(url: str, settings: CacheSettings) -> dict[str, str]:
-    """The ``Authorization`` header this URL's host may receive: Civitai or HF token, or nothing."""
-    host = (urlsplit(url).hostname or "").lower()
+    """The ``Authorization`` header the host ``url`` connects to may receive: Civitai or HF token, or nothing.
+
+    The host is read as the HTTP client reads it (``url_safety.url_host``); an ambiguous URL raises ``LoraError``."""
+    host = url_host(url)
     if settings.civitai_token and _is_civitai(host, settings):
         return {"Authorization": f"Bearer {settings.civitai_token}"}
-    if settings.hf_token and host == (urlsplit(settings.hf_endpoint).hostname or "").lower():
+    if settings.hf_token and host == url_host(settings.hf_endpoint):
         return {"Authorization": f"Bearer {settings.hf_token}"}
     return {}
 
 
 def _token_hint(url: str, settings: CacheSettings) -> str:
-    host = (urlsplit(url).hostname or "").lower()
+    host = url_host(url)
     if _is_civitai(host, settings):
         return ("CIVITAI_TOKEN was sent and refused; check that the key may download this model"
                 if settings.civitai_token else "set CIVITAI_TOKEN to a Civitai API key")
-    if host == (urlsplit(settings.hf_endpoint).hostname or "").lower():
+    if host == url_host(settings.hf_endpoint):
         return ("HF_TOKEN was sent and refused; check its access to this repo" if settings.hf_token
                 else "set HF_TOKEN to a Hugging Face token with access")
     return "the URL needs credentials the worker does not send"

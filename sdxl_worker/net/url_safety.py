@@ -1,6 +1,10 @@
 """What a job may make the worker fetch or read: URL and address rules, and names inside the cache folder.
 
-URLs: only ``http``/``https``. The host, whether a literal address in any form (``127.0.0.1``, ``2130706433``,
+URLs: only ``http``/``https``, read once by the parser the HTTP client uses (urllib3's ``parse_url``, as
+``requests`` does): the host checked, the host connected to and the host a token is chosen for are one and the same
+(``url_host``). A URL another parser would read differently is refused: a backslash, whitespace or a control
+character in the authority (``https://attacker.example\\@huggingface.co/`` is ``attacker.example`` to ``requests``
+but ``huggingface.co`` to ``urllib.parse``), or any host on which ``urllib.parse`` and urllib3 disagree. The host, whether a literal address in any form (``127.0.0.1``, ``2130706433``,
 ``0x7f000001``, ``0177.1``, ``[::1]``, IPv4-mapped IPv6) or a name resolved with ``getaddrinfo``, must not lead to a
 loopback, private, link-local, shared, reserved, multicast or unspecified address unless private hosts are allowed;
 the cloud metadata addresses are refused always. Every redirect hop is checked the same way (``check_url``), and
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +28,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import LocationParseError
+from urllib3.util import Url, parse_url
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.redact import redact_url
@@ -31,6 +38,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALLOWED_SCHEMES = ("http", "https")
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200"))
 MAX_NAME_CHARS = 255
+_AMBIGUOUS = re.compile(r"[\\\x00-\x20\x7f]")
 
 
 class RefusedAddress(LoraError):
@@ -65,19 +73,45 @@ def refusal_reason(address: IPAddress, allow_private: bool) -> str | None:
     return None if address.is_global else "not a public address"
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Raise ``LoraError`` unless ``url`` is http(s) and its host leads only to allowed addresses."""
-    shown = redact_url(url)
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be read one way only (see the module docstring), or ``None`` when it can."""
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise LoraError(f"refused URL {shown}: it cannot be parsed") from None
-    if parts.scheme.lower() not in ALLOWED_SCHEMES:
+        split = urlsplit(url)
+        if _AMBIGUOUS.search(split.netloc):
+            return "a backslash, space or control character in its authority makes its host ambiguous"
+        split.port  # noqa: B018 - raises ValueError on a bad port
+        theirs = (split.hostname or "").lower()
+        ours = (parse_url(url).host or "").lower().strip("[]")
+    except (ValueError, LocationParseError):
+        return "it cannot be parsed"
+    if theirs != ours:
+        return f"its host reads as {ours or 'nothing'} to the HTTP client but {theirs or 'nothing'} to urllib"
+    return None
+
+
+def parse_http_url(url: str) -> Url:
+    """``url`` as the HTTP client reads it; ``LoraError`` when it is ambiguous, unparsable or has no host."""
+    problem = url_problem(url)
+    if problem:
+        raise LoraError(f"refused URL {redact_url(url)}: {problem}")
+    parts = parse_url(url)
+    if not parts.host:
+        raise LoraError(f"refused URL {redact_url(url)}: no host")
+    return parts
+
+
+def url_host(url: str) -> str:
+    """The lower-case host the HTTP client connects to for ``url`` (``parse_http_url``)."""
+    return (parse_http_url(url).host or "").lower().strip("[]")
+
+
+def check_url(url: str, allow_private: bool) -> None:
+    """Raise ``LoraError`` unless ``url`` is http(s), unambiguous, and its host leads only to allowed addresses."""
+    shown = redact_url(url)
+    parts = parse_http_url(url)
+    if (parts.scheme or "").lower() not in ALLOWED_SCHEMES:
         raise LoraError(f"refused URL {shown}: only http and https are allowed")
-    host = parts.hostname
-    if not host:
-        raise LoraError(f"refused URL {shown}: no host")
+    host = url_host(url)
     literal = literal_ip(host)
     if literal is not None:
         addresses = [literal]

@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sdxl_worker.net.redact import public_url, redact_url
-from sdxl_worker.net.url_safety import cache_name_problem
+from sdxl_worker.net.url_safety import cache_name_problem, url_problem
 from sdxl_worker.request.civitai_refs import civitai_ref
 
 MAX_SCALE = 10.0
@@ -65,6 +65,9 @@ def source_kind(source: str) -> SourceKind:
         scheme = source.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme '{scheme}' (only http and https)")
+        problem = url_problem(source)
+        if problem:
+            raise ValueError(f"refused URL: {problem}")
         if not urlsplit(source).hostname:
             raise ValueError("the URL has no host")
         return SourceKind.URL
