@@ -77,6 +77,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("LORA_CONNECT_TIMEOUT_S", "10"),
     Variable("LORA_READ_TIMEOUT_S", "60"),
     Variable("LORA_DOWNLOAD_RETRIES", "4"),
+    Variable("LORA_DOWNLOAD_DEADLINE_S", "600"),
+    Variable("LORA_MIN_THROUGHPUT_KBPS", "50"),
     Variable("LORA_VERIFY_ON_HIT", "first"),
     Variable("HF_TOKEN"),
     Variable("HF_ENDPOINT", "https://huggingface.co"),
@@ -181,6 +183,9 @@ class CacheSettings:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     download_retries: int = 4
+    download_deadline_s: float = 600.0     # one download, all attempts together (net.pace)
+    min_throughput_kbps: float = 50.0      # 0: no throughput check
+    throughput_window_s: float = 30.0
     verify_on_hit: str = "first"
     civitai_hosts: tuple[str, ...] = CIVITAI_DOMAINS
     civitai_api_base: str = "https://civitai.com"
@@ -190,6 +195,7 @@ class CacheSettings:
     retry_wait_max_s: float = 30.0
     lock_stale_s: float = 180.0
     lock_wait_s: float = 3600.0
+    lock_idle_s: float = 300.0             # a waiter gives up when the holder's download has not grown this long
     heartbeat_s: float = 10.0
     lease_stale_s: float = 900.0
     evict_grace_s: float = 120.0
@@ -221,6 +227,8 @@ class CacheSettings:
             connect_timeout_s=_number(env, "LORA_CONNECT_TIMEOUT_S", float),
             read_timeout_s=_number(env, "LORA_READ_TIMEOUT_S", float),
             download_retries=_number(env, "LORA_DOWNLOAD_RETRIES", int),
+            download_deadline_s=_number(env, "LORA_DOWNLOAD_DEADLINE_S", float, minimum=1),
+            min_throughput_kbps=_number(env, "LORA_MIN_THROUGHPUT_KBPS", float),
             verify_on_hit=_raw(env, "LORA_VERIFY_ON_HIT").lower(),
             civitai_api_base=_base_url(env, "CIVITAI_API_BASE"),
             min_free_bytes=int(_number(env, "LORA_CACHE_MIN_FREE_MB", float) * MIB),

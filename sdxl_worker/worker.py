@@ -5,7 +5,9 @@ Everything that touches the pipeline (apply, generate, restore) runs on one dedi
 and keeps PyTorch's CPU thread pool warm from job to job.
 
 A job's LoRAs are resolved (downloaded, or their cache entries checked) before the job takes the pipeline thread, so
-a slow download never holds up other jobs. A ``LoraSession`` per job then loads, applies and restores them: with
+a slow download never holds up other jobs. Downloads (LoRAs, ``image_url``, cache actions) run on a pool of their
+own, one thread per ``MAX_CONCURRENCY``, never on the event loop's default pool that the runpod SDK and each job's
+short steps (trigger words, encoding) use. A ``LoraSession`` per job then loads, applies and restores them: with
 ``LORA_OVERLAP`` (on by default) the load runs on a loader thread while the pipeline encodes the prompt, and the
 LoRAs are fused right before the UNet's first call, unless a LoRA may patch a text encoder (then in order); see
 ``weights.session``. The images are bit-identical either way.
@@ -29,7 +31,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from PIL import Image
 
@@ -57,6 +59,7 @@ from sdxl_worker.weights.ram_cache import LoraRamCache, ram_cache_key
 from sdxl_worker.weights.session import LoadedLora, LoraSession
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PhaseTimer:
@@ -89,6 +92,10 @@ class Worker:
         self.overlap_loras = settings.loras.overlap
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._loader_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lora-load")
+        # downloads (LoRAs, image_url, cache actions) never take the event loop's default pool, which the runpod SDK
+        # and the short steps of every job need: one thread per job the worker takes at once
+        self._fetch_threads = ThreadPoolExecutor(max_workers=settings.runtime.max_concurrency,
+                                                 thread_name_prefix="fetch")
 
     @classmethod
     def start(cls, settings: WorkerSettings) -> Worker:
@@ -129,11 +136,15 @@ class Worker:
             message = f"Internal error: {type(error).__name__}: {error}"
             return {"error": scrub(message, self.lora_cache.settings.secrets)}
 
+    async def _fetch(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` on the download pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._fetch_threads, call, *args)
+
     async def _run(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         timer = PhaseTimer()
         progress = JobProgress(job, self.settings.runtime)
         if is_action(job.get("input")):
-            return await asyncio.to_thread(self.actions.run, job["input"], progress.message)
+            return await self._fetch(self.actions.run, job["input"], progress.message)
         with timer.phase("validate"):
             params = validate_job_input(job.get("input"), self.lora_cache.settings.max_per_request, self.aliases)
             raise_if_any(unknown_name_errors(params.loras, self.lora_cache.name_exists))
@@ -141,12 +152,12 @@ class Worker:
         init_image = None
         if params.image_url is not None:
             with timer.phase("load_image"):
-                init_image = await asyncio.to_thread(load_init_image, params.image_url, self.lora_cache.settings)
+                init_image = await self._fetch(load_init_image, params.image_url, self.lora_cache.settings)
         raise_if_any(step_errors(params, self.pipes.refiner is not None))  # after image_url's own errors
         session = None
         if params.loras:
             with timer.phase("lora_wait"), timer.phase("lora_fetch"):
-                resolved = await asyncio.to_thread(self.lora_cache.resolve_all, params.loras, progress.message)
+                resolved = await self._fetch(self.lora_cache.resolve_all, params.loras, progress.message)
             if params.append_trigger_words:
                 words = await asyncio.to_thread(job_trigger_words, resolved)
                 params = dataclasses.replace(params, prompt=with_trigger_words(params.prompt, words))

@@ -608,3 +608,35 @@ def test_release_never_deletes_a_lock_taken_over_by_someone_else(tmp_path):
     assert json.loads(path.read_text())["host"] == "another-machine"
     with pytest.raises(LockTimeout, match="another-machine pid 2"):
         EntryLock(path, Heartbeat(10), stale_s=60, wait_s=0.2).acquire()
+
+
+@pytest.mark.parametrize("stalled", [True, False], ids=["holder-stalled", "holder-progressing"])
+def test_a_lock_waiter_gives_up_on_a_live_holder_whose_download_makes_no_progress(tmp_path, server, stalled):
+    """Two caches on one folder (as two workers): the first holds the entry's lock (its heartbeat keeps it fresh)
+    while its server stalls for 8 s before answering, or sends 64 kB every 0.3 s. The second, with
+    ``lock_idle_s`` 1, gives up on the stalled holder within seconds, naming why, but keeps waiting for the one
+    that progresses and then finds its entry."""
+    route = ({"delay_s": 8.0} if stalled else {"chunk_size": 65_536, "chunk_delay_s": 0.3})
+    server.route("/held.safetensors", body=BIG, **route)
+    url = server.url("/held.safetensors")
+    holder = LoraCache(settings_for(tmp_path, read_timeout_s=15, download_retries=0, heartbeat_s=0.2))
+    results: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: results.setdefault("holder", holder.resolve(LoraRequest(0, url))))
+    thread.start()
+    lock = tmp_path / "cache" / ".locks" / f"{LoraRequest(0, url).cache_key}.lock"
+    deadline = time.monotonic() + 10
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    waiter = LoraCache(settings_for(tmp_path, lock_idle_s=1.0, lock_stale_s=60))
+    start = time.monotonic()
+    try:
+        if stalled:
+            with pytest.raises(LoraError, match="its download made no progress for 1 s; try again later"):
+                waiter.resolve(LoraRequest(0, url))
+            assert time.monotonic() - start < 5
+        else:
+            resolved = waiter.resolve(LoraRequest(0, url))
+            assert resolved.cache_hit and resolved.path.read_bytes() == BIG and time.monotonic() - start > 2
+    finally:
+        thread.join(30)
+    assert results["holder"].path.read_bytes() == BIG and server.count("/held.safetensors") == 1

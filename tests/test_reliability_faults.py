@@ -9,15 +9,19 @@ metadata address or to ``file://``, files over ``LORA_MAX_BYTES``, valid safeten
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from runpod.serverless.modules.rp_job import run_job
 from safetensors.torch import save
 
 from sdxl_worker.request.entries import LoraRequest
@@ -194,3 +198,57 @@ def test_flipped_bytes_in_an_entry_named_directly_are_reported(env, make_handler
     weights.write_bytes(original)
     assert images_of(run_through_sdk(restarted, job([key]))) == env.with_good
     env.assert_next_jobs_unaffected()
+
+
+DRIP = {"chunk_size": 2000, "chunk_delay_s": 0.2}  # 10 kB/s, each gap far under the 1.5 s read timeout
+
+
+@pytest.mark.parametrize("limits, fragments, requests", [
+    ({"min_throughput_kbps": 50, "throughput_window_s": 1.0},
+     ("the download slowed to", "under 50 kB/s (LORA_MIN_THROUGHPUT_KBPS)", "gave up after 3 attempts"), 3),
+    ({"min_throughput_kbps": 0, "download_deadline_s": 2.0},
+     ("the download took longer than 2 s (LORA_DOWNLOAD_DEADLINE_S)",), 1),
+], ids=["min-throughput", "deadline"])
+def test_a_server_dripping_bytes_under_the_read_timeout_is_cut_off(tmp_path, make_handler, lora_blobs, limits,
+                                                                    fragments, requests):
+    """A body of 294 kB at 10 kB/s (about 30 s) never trips the read timeout; the throughput floor or the total
+    deadline ends it within seconds, as a LoRA and as ``image_url``, and the worker serves the next job."""
+    with FaultServer() as server:
+        server.route("/drip.safetensors", body=lora_blobs["style"], **DRIP)
+        server.route("/good.safetensors", body=lora_blobs["style"])
+        handler = make_handler(cache_settings(tmp_path / "cache", **FAULT_TIMINGS, **limits))
+        started = time.monotonic()
+        result = run_through_sdk(handler, job([{"path": server.url("/drip.safetensors"), "name": "drip"}]))
+        elapsed = time.monotonic() - started
+        assert result.get("error", "").startswith("loras[0] (drip): "), result
+        for fragment in fragments:
+            assert fragment in result["error"], result["error"]
+        assert elapsed < 12 and server.count("/drip.safetensors") == requests
+        image = run_through_sdk(handler, small_job(seed=SEED, num_inference_steps=1,
+                                                   image_url=server.url("/drip.safetensors")))
+        assert image["error"].startswith("image_url: ") and fragments[0] in image["error"], image
+        assert "output" in run_through_sdk(handler, job([server.url("/good.safetensors")]))
+    assert cache_problems(tmp_path / "cache") == [] and len(entry_keys(tmp_path / "cache")) == 1
+
+
+def test_stalled_downloads_leave_the_event_loops_default_pool_to_other_jobs(tmp_path, make_handler, lora_blobs):
+    """A download stalled for 10 s while the event loop's default pool (one thread here, as ``asyncio.to_thread``
+    and the runpod SDK share it) is all there is: a plain job started meanwhile finishes long before the download
+    does, because downloads run on the worker's own pool."""
+    async def scenario(handler, stalled_url: str) -> tuple[float, bool, dict]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        stalled = asyncio.create_task(run_job(handler, {"id": "stalled", "input": job([stalled_url])}))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        plain = await run_job(handler, {"id": "plain", "input": job()})
+        plain_s, stalled_done = time.monotonic() - started, stalled.done()
+        await stalled
+        return plain_s, stalled_done, plain
+
+    with FaultServer() as server:
+        server.route("/stalled.safetensors", body=lora_blobs["style"], delay_s=10.0)
+        timings = {**FAULT_TIMINGS, "read_timeout_s": 15.0, "download_retries": 0}
+        handler = make_handler(cache_settings(tmp_path / "cache", **timings))
+        run_through_sdk(handler, job())  # warm: the first job of a worker pays one-off costs
+        plain_s, stalled_done, plain = asyncio.run(scenario(handler, server.url("/stalled.safetensors")))
+    assert images_of(plain) and not stalled_done and plain_s < 8, (plain_s, stalled_done)

@@ -8,6 +8,8 @@
 - Connect/read timeouts; retries (``retry.with_retries``: exponential backoff with jitter) on connection errors,
   timeouts, broken or short bodies, 408, 429 and 5xx, honouring ``Retry-After`` (seconds or a date) capped at
   ``retry_wait_max_s``.
+- A total deadline and a minimum throughput (``pace``): the body is read with ``read1``, which returns as soon as
+  some bytes arrive, so a server dripping bytes under the read timeout is measured between reads and cut off.
 - Size limit ``max_bytes``: checked against ``Content-Length`` before the body and while streaming.
 - ``CIVITAI_TOKEN`` goes only to Civitai hosts (``civitai.com``, ``civitai.green`` and their subdomains) and the
   ``CIVITAI_API_BASE`` host, ``HF_TOKEN`` only to the ``HF_ENDPOINT`` host, both as ``Authorization: Bearer``.
@@ -22,17 +24,18 @@ from __future__ import annotations
 import email.message
 import http.client
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.net.chunk_writer import ChunkWriter
+from sdxl_worker.net.pace import Pace, TooSlow
 from sdxl_worker.net.redact import QueryRedactingFilter, public_url, redact_url
 from sdxl_worker.net.retry import Failure, retry_after_s, with_retries
 from sdxl_worker.net.transfer_progress import format_size
@@ -182,8 +185,19 @@ def check_status(response: requests.Response, url: str, settings: CacheSettings)
         raise LoraError(_status_message(status, url, settings))
 
 
+def _body(response: requests.Response, pace: Pace) -> Iterator[bytes]:
+    """The body as it arrives, up to ``CHUNK_BYTES`` a read, ``pace`` checked after every read."""
+    pace.start_body()
+    done = 0
+    while data := response.raw.read1(CHUNK_BYTES, decode_content=True):
+        done += len(data)
+        yield data
+        pace.check_body(done)
+
+
 def _attempt(session: requests.Session, url: str, target: Path, settings: CacheSettings,
-             progress: ByteProgress | None) -> DownloadInfo:
+             progress: ByteProgress | None, pace: Pace) -> DownloadInfo:
+    pace.check_deadline()
     response, final_url = open_url(session, url, settings)
     with response:
         check_status(response, final_url, settings)
@@ -196,14 +210,16 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
         done = 0
         with ChunkWriter(target) as sink:
             try:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                for chunk in _body(response, pace):
                     done += len(chunk)
                     if done > settings.max_bytes:
                         raise LoraError(f"the download passed {format_size(done)}, {limit}")
                     sink.put(chunk)
                     if progress is not None:
                         progress(done, total)
-            except requests.RequestException as error:
+            except TooSlow as error:
+                raise Retryable(str(error)) from None
+            except (HTTPError, OSError) as error:
                 received = max(done, response.raw.tell())  # bytes of a chunk cut short count too
                 expected = f" of {format_size(total)}" if total is not None else ""
                 raise Retryable(f"the download broke off after {format_size(received)}{expected}: "
@@ -228,5 +244,6 @@ def retry_http(call: Callable[[], T], url: str, settings: CacheSettings) -> T:
 def download_url(url: str, target: Path, settings: CacheSettings,
                  progress: ByteProgress | None = None) -> DownloadInfo:
     """Download ``url`` into ``target`` (created or truncated) under the rules of the module docstring."""
+    pace = Pace(settings)
     with guarded_session(settings.allow_private_hosts) as session:
-        return retry_http(lambda: _attempt(session, url, target, settings, progress), url, settings)
+        return retry_http(lambda: _attempt(session, url, target, settings, progress, pace), url, settings)

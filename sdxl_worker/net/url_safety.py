@@ -90,18 +90,15 @@ def url_problem(url: str) -> str | None:
 
 
 def parse_http_url(url: str) -> Url:
-    """``url`` as the HTTP client reads it; ``LoraError`` when it is ambiguous, unparsable or has no host."""
+    """``url`` as the HTTP client reads it; ``LoraError`` when it is ambiguous or unparsable."""
     problem = url_problem(url)
     if problem:
         raise LoraError(f"refused URL {redact_url(url)}: {problem}")
-    parts = parse_url(url)
-    if not parts.host:
-        raise LoraError(f"refused URL {redact_url(url)}: no host")
-    return parts
+    return parse_url(url)
 
 
 def url_host(url: str) -> str:
-    """The lower-case host the HTTP client connects to for ``url`` (``parse_http_url``)."""
+    """The lower-case host the HTTP client connects to for ``url`` (``parse_http_url``); ``""`` for none."""
     return (parse_http_url(url).host or "").lower().strip("[]")
 
 
@@ -112,6 +109,8 @@ def check_url(url: str, allow_private: bool) -> None:
     if (parts.scheme or "").lower() not in ALLOWED_SCHEMES:
         raise LoraError(f"refused URL {shown}: only http and https are allowed")
     host = url_host(url)
+    if not host:
+        raise LoraError(f"refused URL {shown}: no host")
     literal = literal_ip(host)
     if literal is not None:
         addresses = [literal]

@@ -288,8 +288,8 @@ class LoraCache:
         if not self._ready:
             self._prepare()
         lock = EntryLock(self.root / ".locks" / f"{key}.lock", self._heartbeat, self.settings.lock_stale_s,
-                         self.settings.lock_wait_s)
-        lock.acquire(on_wait)
+                         self.settings.lock_wait_s, self.settings.lock_idle_s)
+        lock.acquire(on_wait, lambda: self._work_bytes(key))
         try:
             hit = self._hit(entry, request)
             if hit is not None:
@@ -303,6 +303,16 @@ class LoraCache:
         with self._lock:
             self._counts["evictions"] += evicted
         return resolved
+
+    def _work_bytes(self, key: str) -> int:
+        """Bytes in the temp folders of ``key``'s fetches (the lock holder's progress, as its waiters see it)."""
+        total = 0
+        for path in self.root.glob(f".tmp-{key}-*/**/*"):
+            try:
+                total += path.stat().st_size if path.is_file() else 0
+            except OSError:
+                continue
+        return total
 
     def _fetch(self, request: LoraRequest, entry: Path, report: TransferProgress,
                protect: frozenset[str]) -> ResolvedLora:

@@ -9,6 +9,9 @@
 - A file with no readable owner record (empty, garbage, cut short) is garbage, not a holder: a holder writes its
   record right after creating the file. It is stale once its mtime is ``RECORDLESS_GRACE_S`` old by this machine's
   clock (the grace covers that write, and clock skew for a lock being created on another host).
+- Bounded wait: a waiter gives up (``LockTimeout``) after ``wait_s`` in all, or after ``idle_s`` in which the
+  holder's work (``progress()``: the bytes in its temp folder) did not grow, so a holder kept alive by its heartbeat
+  but stuck on a dripping or stalled server does not hold its waiters for ``wait_s``.
 - ``try_acquire`` (eviction, which never waits) cannot watch a file over time: it takes a foreign holder's lock as
   stale when its mtime is older than ``stale_s`` by this machine's clock.
 - Break: rename the stale file to a unique name (only one waiter wins), check it is the very file judged stale,
@@ -47,11 +50,13 @@ class LockTimeout(LoraError):
 class EntryLock:
     """The lock file ``path``; see the module docstring for the protocol."""
 
-    def __init__(self, path: Path, heartbeat: Heartbeat, stale_s: float, wait_s: float) -> None:
+    def __init__(self, path: Path, heartbeat: Heartbeat, stale_s: float, wait_s: float,
+                 idle_s: float | None = None) -> None:
         self.path = path
         self._heartbeat = heartbeat
         self._stale_s = stale_s
         self._wait_s = wait_s
+        self._idle_s = idle_s
         self._token: str | None = None
 
     def _create(self) -> bool:
@@ -118,13 +123,15 @@ class EntryLock:
                 self._break(identity, record)
         return self._create()
 
-    def acquire(self, on_wait: Callable[[dict[str, Any] | None], None] | None = None) -> None:
+    def acquire(self, on_wait: Callable[[dict[str, Any] | None], None] | None = None,
+                progress: Callable[[], int] | None = None) -> None:
         """Take the lock, waiting for a live holder; ``on_wait(owner_record)`` is called once if it waits.
 
-        Raises ``LockTimeout`` after ``wait_s``."""
+        Raises ``LockTimeout`` after ``wait_s``, or after ``idle_s`` without a change of ``progress()``."""
         start = time.monotonic()
         seen: FileIdentity | None = None
         seen_since, delay, waited = start, 0.05, False
+        done, done_since = progress() if progress else 0, start
         while not self._create():
             observed = self._observe()
             if observed is None:
@@ -143,6 +150,13 @@ class EntryLock:
             waited = True
             if now - start >= self._wait_s:
                 raise LockTimeout(f"waited {self._wait_s:g} s for {describe_owner(record)} to finish fetching it")
+            if progress is not None and self._idle_s is not None:
+                current = progress()
+                if current != done:
+                    done, done_since = current, now
+                elif now - done_since >= self._idle_s:
+                    raise LockTimeout(f"{describe_owner(record)} is fetching it but its download made no progress "
+                                      f"for {self._idle_s:g} s; try again later")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
