@@ -619,7 +619,7 @@ def test_a_lock_waiter_gives_up_on_a_live_holder_whose_download_makes_no_progres
     route = ({"delay_s": 8.0} if stalled else {"chunk_size": 65_536, "chunk_delay_s": 0.3})
     server.route("/held.safetensors", body=BIG, **route)
     url = server.url("/held.safetensors")
-    holder = LoraCache(settings_for(tmp_path, read_timeout_s=15, download_retries=0, heartbeat_s=0.2))
+    holder = LoraCache(cache_settings(tmp_path / "cache", read_timeout_s=15, download_retries=0, heartbeat_s=0.2))
     results: dict[str, object] = {}
     thread = threading.Thread(target=lambda: results.setdefault("holder", holder.resolve(LoraRequest(0, url))))
     thread.start()
@@ -627,7 +627,7 @@ def test_a_lock_waiter_gives_up_on_a_live_holder_whose_download_makes_no_progres
     deadline = time.monotonic() + 10
     while not lock.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    waiter = LoraCache(settings_for(tmp_path, lock_idle_s=1.0, lock_stale_s=60))
+    waiter = LoraCache(cache_settings(tmp_path / "cache", lock_idle_s=1.0, lock_stale_s=60))
     start = time.monotonic()
     try:
         if stalled:
