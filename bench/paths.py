@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 import torch
 
-from sdxl_worker.generation.generate import make_scheduler
+from sdxl_worker.generation.schedulers import make_scheduler, resolve
 from sdxl_worker.output.encode import png_bytes
 from sdxl_worker.worker import Worker
 
@@ -67,7 +67,7 @@ def our_job(worker: Worker, shape: JobShape, loras: list | None = None) -> dict:
 
 def plain_generate(pipe, shape: JobShape, device: torch.device):
     """The pipeline call a worker without LoRA support makes."""
-    pipe.scheduler = make_scheduler(SCHEDULER, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(resolve(SCHEDULER)[0], pipe.scheduler.config)
     return pipe(prompt=PROMPT, height=shape.height, width=shape.width, num_inference_steps=shape.steps,
                 guidance_scale=7.5, generator=torch.Generator(device=device).manual_seed(shape.seed)).images
 

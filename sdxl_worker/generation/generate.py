@@ -5,7 +5,9 @@
   the refiner (from ``high_noise_frac``, else as img2img at ``strength``), as RunPod's SDXL worker does.
 - ``image_url``: img2img at ``strength`` through the refiner (``refiner_inference_steps``) when there is one, else
   through the base model's img2img pipeline (``num_inference_steps``).
-Every job gets a fresh scheduler built from the config loaded at start, so no scheduler state crosses jobs.
+Every job gets a fresh scheduler (``generation.schedulers``) built from the config loaded at start, so no scheduler
+state crosses jobs. An explicit ``timesteps`` or ``sigmas`` list goes to the base model's text-to-image call, ``eta`` to
+every call (schedulers that take it: DDIM, TCD); ``guidance_scale`` at most 1 runs no CFG batch (diffusers' rule).
 ``first_unet`` names the UNet that denoises first (a job's LoRAs can load until its first call).
 """
 
@@ -14,34 +16,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 from PIL import Image
 
 from sdxl_worker.generation.models import Pipelines
+from sdxl_worker.generation.schedulers import make_scheduler
 from sdxl_worker.request.validation import JobParams
 
 StepCallback = Callable[[int, int], None]
-
-SCHEDULER_CLASSES = {
-    "PNDM": PNDMScheduler,
-    "KLMS": LMSDiscreteScheduler,
-    "DDIM": DDIMScheduler,
-    "K_EULER": EulerDiscreteScheduler,
-    "K_EULER_ANCESTRAL": EulerAncestralDiscreteScheduler,
-    "DPMSolverMultistep": DPMSolverMultistepScheduler,
-    "DPMSolverSinglestep": DPMSolverSinglestepScheduler,
-}
-
-
-# PNDM's Runge-Kutta warm-up breaks below a few steps; Stable Diffusion's own configs skip it, and so do we.
-SCHEDULER_OVERRIDES: dict[str, dict[str, Any]] = {"PNDM": {"skip_prk_steps": True}}
-
-
-def make_scheduler(name: str, config: dict[str, Any]):
-    """A new scheduler of the named kind (worker-sdxl's names) from the model's scheduler config."""
-    return SCHEDULER_CLASSES[name].from_config(config, **SCHEDULER_OVERRIDES.get(name, {}))
-
 
 def _step_reporter(on_step: StepCallback, offset: int, total: int):
     def callback(pipe, step: int, timestep, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -84,13 +65,14 @@ def _planned_steps(params: JobParams, pipes: Pipelines) -> tuple[int, int]:
     if params.image_url is not None:
         steps = params.refiner_inference_steps if pipes.refiner is not None else params.num_inference_steps
         return 0, _strength_steps(steps, params.strength)
+    base_steps = len(params.timesteps or params.sigmas or []) or params.num_inference_steps
     if pipes.refiner is None:
-        return params.num_inference_steps, 0
+        return base_steps, 0
     if params.high_noise_frac is not None:
-        base = int(round(params.num_inference_steps * params.high_noise_frac))
+        base = int(round(base_steps * params.high_noise_frac))
         refined = params.refiner_inference_steps
         return base, refined - int(round(refined * params.high_noise_frac))
-    return params.num_inference_steps, _strength_steps(params.refiner_inference_steps, params.strength)
+    return base_steps, _strength_steps(params.refiner_inference_steps, params.strength)
 
 
 def first_unet(pipes: Pipelines, init_image: Image.Image | None) -> torch.nn.Module:
@@ -111,29 +93,33 @@ def generate(
         "negative_prompt": params.negative_prompt,
         "guidance_scale": params.guidance_scale,
         "generator": torch.Generator(device=pipes.device).manual_seed(seed),
+        **({"eta": params.eta} if params.eta is not None else {}),
     }
+    spec = params.scheduler_spec
     first = {**shared, "num_images_per_prompt": params.num_images,  # the first pipeline call, whichever it is
              "callback_on_step_end": _step_reporter(on_step, 0, total)}
     if init_image is not None:
         if pipes.refiner is not None:
             pipe, steps = pipes.refiner, params.refiner_inference_steps
-            pipe.scheduler = make_scheduler(params.scheduler, pipes.refiner_scheduler_config)
+            pipe.scheduler = make_scheduler(spec, pipes.refiner_scheduler_config, params.timestep_spacing)
         else:
             pipe, steps = pipes.img2img, params.num_inference_steps
-            pipe.scheduler = make_scheduler(params.scheduler, pipes.scheduler_config)
+            pipe.scheduler = make_scheduler(spec, pipes.scheduler_config, params.timestep_spacing)
         return pipe(**first, image=init_image, strength=params.strength, num_inference_steps=steps).images
-    pipes.base.scheduler = make_scheduler(params.scheduler, pipes.scheduler_config)
+    pipes.base.scheduler = make_scheduler(spec, pipes.scheduler_config, params.timestep_spacing)
     base_output = pipes.base(
         **first,
         height=params.height,
         width=params.width,
         num_inference_steps=params.num_inference_steps,
+        **({"timesteps": params.timesteps} if params.timesteps is not None else {}),
+        **({"sigmas": params.sigmas} if params.sigmas is not None else {}),
         denoising_end=params.high_noise_frac if pipes.refiner is not None else None,
         output_type="latent" if pipes.refiner is not None else "pil",
     ).images
     if pipes.refiner is None:
         return base_output
-    pipes.refiner.scheduler = make_scheduler(params.scheduler, pipes.refiner_scheduler_config)
+    pipes.refiner.scheduler = make_scheduler(spec, pipes.refiner_scheduler_config, params.timestep_spacing)
     refiner_args: dict[str, Any] = (
         {"denoising_start": params.high_noise_frac} if params.high_noise_frac is not None
         else {"strength": params.strength}

@@ -15,20 +15,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-SCHEDULERS = (
-    "PNDM",
-    "KLMS",
-    "DDIM",
-    "K_EULER",
-    "K_EULER_ANCESTRAL",
-    "DPMSolverMultistep",
-    "DPMSolverSinglestep",
-)
+from sdxl_worker.generation.schedulers import COMFY_SAMPLERS, COMFY_SCHEDULES, SCHEDULER_NAMES, TIMESTEP_SPACINGS
+
+SCHEDULERS = SCHEDULER_NAMES
 MAX_PROMPT_CHARS = 10_000
 MAX_IMAGES = 4
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 2048
 ACTIONS = ("list_loras", "prefetch", "evict", "cache_stats")
 MAX_ACTION_LORAS = 32
+MAX_TIMESTEPS = 150
 
 
 def _is_int(value: Any) -> bool:
@@ -56,6 +51,16 @@ def _image_side(value: Any) -> bool:
 
 def _text(max_chars: int):
     return lambda value: isinstance(value, str) and len(value) <= max_chars
+
+
+def _descending(item):
+    """A list of 1..MAX_TIMESTEPS values each passing ``item``, strictly decreasing."""
+    def check(value: Any) -> bool:
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_TIMESTEPS or not all(map(item, value)):
+            return False
+        return all(later < earlier for earlier, later in zip(value, value[1:]))
+
+    return check
 
 
 def _optional(check):
@@ -101,8 +106,44 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
         "type": str,
         "required": False,
         "default": "DDIM",
-        "constraints": lambda value: value in SCHEDULERS,
-        "describe": "one of " + ", ".join(SCHEDULERS),
+        # The name is resolved (with sampler_name) by request.validation, against generation.schedulers' table.
+        "constraints": lambda value: isinstance(value, str),
+        "describe": "one of " + ", ".join(SCHEDULERS) + "; with sampler_name, one of " + ", ".join(COMFY_SCHEDULES),
+    },
+    "sampler_name": {
+        "type": str,
+        "required": False,
+        "default": None,
+        "constraints": _optional(lambda value: isinstance(value, str)),
+        "describe": "a ComfyUI sampler name: one of " + ", ".join(COMFY_SAMPLERS),
+    },
+    "timestep_spacing": {
+        "type": str,
+        "required": False,
+        "default": None,
+        "constraints": _optional(lambda value: value in TIMESTEP_SPACINGS),
+        "describe": "one of " + ", ".join(TIMESTEP_SPACINGS),
+    },
+    "timesteps": {
+        "type": list,
+        "required": False,
+        "default": None,
+        "constraints": _optional(_descending(_int_in(0, 999))),
+        "describe": f"a list of 1..{MAX_TIMESTEPS} strictly decreasing integers within 0..999",
+    },
+    "sigmas": {
+        "type": list,
+        "required": False,
+        "default": None,
+        "constraints": _optional(_descending(_number_in(0.0, 1000.0))),
+        "describe": f"a list of 1..{MAX_TIMESTEPS} strictly decreasing numbers within 0..1000",
+    },
+    "eta": {
+        "type": float,
+        "required": False,
+        "default": None,
+        "constraints": _optional(_number_in(0.0, 1.0)),
+        "describe": "a number within 0..1",
     },
     "num_inference_steps": {
         "type": int,

@@ -13,6 +13,7 @@ from typing import Any
 from runpod.serverless.utils.rp_validator import validate
 
 from sdxl_worker.errors import InputError
+from sdxl_worker.generation.schedulers import SchedulerSpec, accepts, resolve
 from sdxl_worker.request.entries import Aliases, LoraRequest, parse_lora_requests
 from sdxl_worker.request.prompt_tags import extract_lora_tags, merge_tag_requests, negative_prompt_errors
 from sdxl_worker.request.schema import INPUT_SCHEMA
@@ -41,6 +42,19 @@ class JobParams:
     high_noise_frac: float | None = None
     loras: list[LoraRequest] = field(default_factory=list)
     append_trigger_words: bool = False
+    sampler_name: str | None = None
+    timestep_spacing: str | None = None
+    timesteps: list[int] | None = None
+    sigmas: list[float] | None = None
+    eta: float | None = None
+
+    @property
+    def scheduler_spec(self) -> SchedulerSpec:
+        """The diffusers scheduler class and overrides that ``scheduler`` (and ``sampler_name``) name."""
+        spec, error = resolve(self.scheduler, self.sampler_name)
+        if spec is None:
+            raise InputError(f"Invalid input: {error}")
+        return spec
 
 
 def _shown(value: Any) -> str:
@@ -98,6 +112,26 @@ def check_fields(raw: dict[str, Any], schema: Schema) -> tuple[dict[str, Any], l
     return values, [*overflows.values(), *checked.get("errors", []), *_constraint_errors(values, schema)]
 
 
+def scheduler_errors(values: dict[str, Any]) -> list[str]:
+    """The scheduler name (or ComfyUI pair) resolved, and an explicit ``timesteps``/``sigmas`` list checked against
+    it: one is allowed, for text-to-image, where the scheduler takes it."""
+    if not isinstance(values.get("scheduler"), str) or not isinstance(values.get("sampler_name") or "", str):
+        return []
+    spec, error = resolve(values["scheduler"], values.get("sampler_name"))
+    if spec is None:
+        return [error]
+    errors = []
+    given = [name for name in ("timesteps", "sigmas") if values.get(name) is not None]
+    if len(given) == 2:
+        errors.append("timesteps, sigmas: give one of them, not both")
+    for name in given:
+        if values.get("image_url") is not None:
+            errors.append(f"{name}: not allowed with image_url (it sets the schedule of text-to-image only)")
+        if not accepts(spec, name):
+            errors.append(f"{name}: scheduler {values['scheduler']} ({spec.class_name}) does not take {name}")
+    return errors
+
+
 def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None) -> JobParams:
     """Validate a job's ``input`` against ``INPUT_SCHEMA`` and the LoRA rules; raise ``InputError`` listing all
     problems.
@@ -112,11 +146,14 @@ def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None)
         errors += negative_prompt_errors(values["negative_prompt"])
     listed, lora_errors = parse_lora_requests(values.get("loras"), max_loras, aliases)
     errors += lora_errors
+    errors += scheduler_errors(values)
     listed_count = len(values["loras"]) if isinstance(values.get("loras"), list) else 0
     loras = merge_tag_requests(listed, tags, listed_count, max_loras, aliases or {}, errors)
     raise_if_any(errors)
     params = {name: values[name] for name in INPUT_SCHEMA if name not in ("loras", "prompt")}
-    for name in ("guidance_scale", "strength", "high_noise_frac"):
+    if params["sigmas"] is not None:
+        params["sigmas"] = [float(sigma) for sigma in params["sigmas"]]
+    for name in ("guidance_scale", "strength", "high_noise_frac", "eta"):
         if params[name] is not None:
             params[name] = float(params[name])
     return JobParams(prompt=prompt, **params, loras=loras)
