@@ -41,6 +41,9 @@ class JobParams:
     high_noise_frac: float | None = None
     loras: list[LoraRequest] = field(default_factory=list)
     append_trigger_words: bool = False
+    clip_skip: int | None = None
+    image_format: str = "png"
+    image_quality: int | None = None
 
 
 def _shown(value: Any) -> str:
@@ -114,6 +117,8 @@ def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None)
     errors += lora_errors
     listed_count = len(values["loras"]) if isinstance(values.get("loras"), list) else 0
     loras = merge_tag_requests(listed, tags, listed_count, max_loras, aliases or {}, errors)
+    if values.get("image_quality") is not None and values.get("image_format") == "png":
+        errors.append("image_quality: applies to jpeg and webp only, not png")
     raise_if_any(errors)
     params = {name: values[name] for name in INPUT_SCHEMA if name not in ("loras", "prompt")}
     for name in ("guidance_scale", "strength", "high_noise_frac"):
