@@ -139,3 +139,13 @@ def test_weights_work_with_prompt_lora_tags_and_negative_prompts(worker):
     plain = output_of(worker, small_job(seed=9, prompt="a cabin in snow", negative_prompt="blurry"))
     assert weighted["images"] != plain["images"]
     assert "prompt" not in weighted  # the attention syntax is not a rewrite of the prompt
+
+
+def test_every_prompt_of_runpods_tests_json_is_plain_so_keeps_todays_call():
+    import json
+
+    from tests.support.worker_env import PROJECT_ROOT
+
+    jobs = json.loads((PROJECT_ROOT / ".runpod" / "tests.json").read_text())["tests"]
+    texts = [job["input"].get(name) for job in jobs for name in ("prompt", "negative_prompt")]
+    assert texts and all(is_plain(text) for text in texts if text)
