@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from bench.figures import (Setup, cleanup, disk_load, download, memory, overlap, per_job_overhead, step_time,
-                           worker_settings)
+from bench.figures import (Setup, cleanup, disk_load, download, memory, overlap, per_job_overhead, prompt_encoding,
+                           step_time, worker_settings)
 from bench.lora_files import serve_folder, write_bench_loras
 from bench.paths import JobShape
 from bench.pipelines import build_pipelines
@@ -29,7 +29,8 @@ from bench.report import markdown_table, overhead_chart, verdicts
 from sdxl_worker.worker import Worker
 
 LOG = logging.getLogger("bench")
-FIGURES = {figure.__name__: figure for figure in (per_job_overhead, step_time, disk_load, download, overlap, memory)}
+FIGURES = {figure.__name__: figure for figure in (per_job_overhead, step_time, disk_load, download, overlap, memory,
+                                                  prompt_encoding)}
 
 
 def parse_args() -> argparse.Namespace:

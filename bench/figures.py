@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.paths import JobShape, our_job, plain_download, plain_job, reference_job, timed
+from sdxl_worker.generation.prompt_encoding import CHUNK_TOKENS, needs_encoding, prompt_embeddings
 from sdxl_worker.net.download import download_url
 from sdxl_worker.request.entries import parse_lora_requests
 from sdxl_worker.settings import WorkerSettings
@@ -340,6 +341,29 @@ def overlap(setup: Setup) -> dict[str, float]:
                   sequential_job_ratio_disk=order_balanced_ratio(rounds, "sequential", "none", len(arms)),
                   overlap_bit_identical=identical)
     return result
+
+
+def _timed_ms(device: torch.device, action, runs: int) -> float:
+    """Median milliseconds of ``action`` over ``runs`` calls after one warm-up call."""
+    return median([timed(device, action)[0] for _ in range(runs + 1)][1:])
+
+
+def prompt_encoding(setup: Setup) -> dict[str, float]:
+    """Figure 8: prompt encoding, today's path (diffusers' ``encode_prompt`` on a plain prompt, and the check that
+    picks it) vs the A1111 path (a weighted prompt in one chunk, a plain prompt of 3 chunks)."""
+    pipe, runs = setup.worker.pipes.base, max(setup.runs, 5)
+    plain, weighted = "a cozy cabin in a snowy forest", "a (cozy:1.3) cabin in a [snowy] ((forest))"
+    long = ", ".join(["a cozy cabin in a snowy forest"] * 60)
+    long = pipe.tokenizer.decode(pipe.tokenizer(long, add_special_tokens=False).input_ids[:3 * CHUNK_TOKENS])
+    with torch.inference_mode():
+        today = _timed_ms(setup.device, lambda: pipe.encode_prompt(plain, device=setup.device,
+                                                                  do_classifier_free_guidance=True), runs)
+        check = _timed_ms(setup.device, lambda: needs_encoding(pipe, plain, None, None), runs)
+        weighted_ms = _timed_ms(setup.device, lambda: prompt_embeddings(pipe, weighted, None, None), runs)
+        chunks_ms = _timed_ms(setup.device, lambda: prompt_embeddings(pipe, long, None, None), runs)
+    return {"prompt_ms_plain_today": round(today, 3), "prompt_ms_plain_path_check": round(check, 3),
+            "prompt_ms_weighted": round(weighted_ms, 3), "prompt_ms_3_chunks": round(chunks_ms, 3),
+            "prompt_3_chunks_vs_plain_ratio": ratio(chunks_ms, today)}
 
 
 def cleanup(folder: Path) -> None:

@@ -39,6 +39,7 @@ from sdxl_worker.errors import JobError, LoraError
 from sdxl_worker.generation.generate import first_unet, generate, step_errors
 from sdxl_worker.generation.models import Pipelines, choose_models, load_pipelines, pick_device_and_dtype
 from sdxl_worker.generation.progress import JobProgress
+from sdxl_worker.generation.prompt_encoding import truncation_notes
 from sdxl_worker.net.redact import scrub
 from sdxl_worker.output.encode import encode_images, upload_enabled
 from sdxl_worker.output.result import job_output
@@ -168,10 +169,14 @@ class Worker:
         images = await asyncio.get_running_loop().run_in_executor(
             self._pipeline_thread, self._generate, params, seed, init_image, session, progress, timer)
         with timer.phase("encode"):
-            encoded = await asyncio.to_thread(encode_images, images, job_id, self.settings.upload)
+            encoded = await asyncio.to_thread(encode_images, images, job_id, self.settings.upload,
+                                            params.image_format, params.image_quality)
         rewritten = params.prompt if params.prompt != job["input"]["prompt"] else None
         output = job_output(encoded, seed, timer.ms, rewritten, session.applied if session is not None else None,
                             self.lora_cache.settings.secrets)
+        notes = truncation_notes(self.pipes.base, params.prompt, params.negative_prompt)
+        if notes:
+            output["warnings"] = notes
         for entry in output.get("loras", ()):
             LOG.info("job %s LoRA %s", job_id, entry)
         LOG.info("job %s done: %d image(s), seed %d, timings %s", job_id, len(encoded), seed, timer.ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 
 import boto3
@@ -53,6 +54,22 @@ def test_images_are_uploaded_and_urls_returned(worker_handler, s3_endpoint, monk
     downloaded = [requests.get(url, timeout=10).content for url in output["images"]]
     assert downloaded == [png_from_data_uri(uri) for uri in reference]
     assert sum(key.startswith("upload-job/") for key in bucket_keys(s3_endpoint)) == 2
+
+
+def test_uploads_keep_the_image_format_asked(worker_handler, s3_endpoint, monkeypatch, tmp_path):
+    reference = run_through_sdk(worker_handler, small_job(seed=32, image_format="webp", image_quality=70))
+    monkeypatch.setenv("BUCKET_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("BUCKET_ACCESS_KEY_ID", "test-key")
+    monkeypatch.setenv("BUCKET_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("BUCKET_NAME", BUCKET)
+    output = run_through_sdk(uploading_worker(tmp_path).run, small_job(seed=32, image_format="webp", image_quality=70),
+                             job_id="webp-job")["output"]
+    (url,) = output["images"]
+    response = requests.get(url, timeout=10)
+    assert response.headers["Content-Type"] == "image/webp"
+    prefix = "data:image/webp;base64,"
+    assert response.content == base64.b64decode(reference["output"]["image_url"][len(prefix):])
+    assert any(key.startswith("webp-job/") and key.endswith(".webp") for key in bucket_keys(s3_endpoint))
 
 
 def test_incomplete_bucket_settings_are_an_error_not_a_silent_local_save(worker_handler, s3_endpoint, monkeypatch,

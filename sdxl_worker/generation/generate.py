@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from sdxl_worker.generation.models import Pipelines
+from sdxl_worker.generation.prompt_encoding import prompt_arguments
 from sdxl_worker.generation.schedulers import make_scheduler
 from sdxl_worker.request.validation import JobParams
 
@@ -81,6 +82,11 @@ def first_unet(pipes: Pipelines, init_image: Image.Image | None) -> torch.nn.Mod
     return pipes.refiner.unet if init_image is not None and pipes.refiner is not None else pipes.base.unet
 
 
+def _prompts(pipe: Any, params: JobParams) -> dict[str, Any]:
+    """The prompt arguments for ``pipe``: the strings, or A1111-style embeddings (``generation.prompt_encoding``)."""
+    return prompt_arguments(pipe, params.prompt, params.negative_prompt, params.clip_skip)
+
+
 @torch.inference_mode()
 def generate(
     pipes: Pipelines, params: JobParams, seed: int, init_image: Image.Image | None, on_step: StepCallback
@@ -89,14 +95,14 @@ def generate(
     base_steps, refiner_steps = _planned_steps(params, pipes)
     total = base_steps + refiner_steps
     shared: dict[str, Any] = {
-        "prompt": params.prompt,
-        "negative_prompt": params.negative_prompt,
         "guidance_scale": params.guidance_scale,
         "generator": torch.Generator(device=pipes.device).manual_seed(seed),
         **({"eta": params.eta} if params.eta is not None else {}),
     }
     spec = params.scheduler_spec
-    first = {**shared, "num_images_per_prompt": params.num_images,  # the first pipeline call, whichever it is
+    first_pipe = pipes.refiner if init_image is not None and pipes.refiner is not None else pipes.base
+    first = {**shared, **_prompts(first_pipe, params),  # the first pipeline call, whichever it is
+             "num_images_per_prompt": params.num_images,
              "callback_on_step_end": _step_reporter(on_step, 0, total)}
     if init_image is not None:
         if pipes.refiner is not None:
@@ -126,6 +132,7 @@ def generate(
     )
     return pipes.refiner(
         **shared,
+        **_prompts(pipes.refiner, params),
         image=base_output,
         num_inference_steps=params.refiner_inference_steps,
         callback_on_step_end=_step_reporter(on_step, base_steps, total),

@@ -19,6 +19,7 @@ from sdxl_worker.generation.schedulers import COMFY_SAMPLERS, COMFY_SCHEDULES, S
 
 SCHEDULERS = SCHEDULER_NAMES
 MAX_PROMPT_CHARS = 10_000
+IMAGE_FORMATS = ("png", "jpeg", "webp")
 MAX_IMAGES = 4
 MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 64, 2048
 ACTIONS = ("list_loras", "prefetch", "evict", "cache_stats")
@@ -206,6 +207,27 @@ INPUT_SCHEMA: dict[str, dict[str, Any]] = {
         "default": False,
         "constraints": lambda value: isinstance(value, bool),
         "describe": "true or false",
+    },
+    "clip_skip": {
+        "type": int,
+        "required": False,
+        "default": None,
+        "constraints": _optional(_int_in(1, 12)),
+        "describe": "an integer within 1..12 (A1111/Civitai counting: 2 is SDXL's usual layer)",
+    },
+    "image_format": {
+        "type": str,
+        "required": False,
+        "default": "png",
+        "constraints": lambda value: value in IMAGE_FORMATS,
+        "describe": "one of " + ", ".join(IMAGE_FORMATS),
+    },
+    "image_quality": {
+        "type": int,
+        "required": False,
+        "default": None,
+        "constraints": _optional(_int_in(1, 100)),
+        "describe": "an integer within 1..100 (jpeg and webp only)",
     },
 }
 

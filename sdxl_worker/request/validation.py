@@ -42,6 +42,9 @@ class JobParams:
     high_noise_frac: float | None = None
     loras: list[LoraRequest] = field(default_factory=list)
     append_trigger_words: bool = False
+    clip_skip: int | None = None
+    image_format: str = "png"
+    image_quality: int | None = None
     sampler_name: str | None = None
     timestep_spacing: str | None = None
     timesteps: list[int] | None = None
@@ -149,6 +152,8 @@ def validate_job_input(raw: Any, max_loras: int, aliases: Aliases | None = None)
     errors += scheduler_errors(values)
     listed_count = len(values["loras"]) if isinstance(values.get("loras"), list) else 0
     loras = merge_tag_requests(listed, tags, listed_count, max_loras, aliases or {}, errors)
+    if values.get("image_quality") is not None and values.get("image_format") == "png":
+        errors.append("image_quality: applies to jpeg and webp only, not png")
     raise_if_any(errors)
     params = {name: values[name] for name in INPUT_SCHEMA if name not in ("loras", "prompt")}
     if params["sigmas"] is not None:
