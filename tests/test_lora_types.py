@@ -22,6 +22,7 @@ CASES = {  # algo, options, factor std (a visible change), the types reported
     "lokr": ("lokr", {}, 0.3, {"lokr"}),
     "lokr-factored": ("lokr", {"factor": 4}, 0.3, {"lokr"}),
     "full": ("full", {}, 0.05, {"full"}),
+    "full-and-norm": ("full", {"train_norm": True}, 0.05, {"full", "norm"}),
     "dora": ("lora", {"dora_wd": True}, 0.3, {"locon+dora"}),
     "dora-input-axis": ("loha", {"dora_wd": True, "wd_on_output": False}, 0.4, {"loha+dora"}),
     "lokr-dora": ("lokr", {"factor": 4, "dora_wd": True}, 0.3, {"lokr+dora"}),
