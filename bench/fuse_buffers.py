@@ -11,9 +11,7 @@ kept tensors spare the first-touch page faults whenever no such memory is free (
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -23,21 +21,14 @@ from pathlib import Path
 import torch
 
 from bench.paths import timed
-from bench.pipelines import full_size_unet
+from bench.pipelines import microbench_setup
 from sdxl_worker.weights.load import load_lora
 from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora
 from tools.synthetic_lora import write_kohya_lora
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--runs", type=int, default=7)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    unet = full_size_unet(device, dtype)
+    args, device, dtype, unet = microbench_setup(__doc__, runs=7)
     patcher = LoraPatcher(types.SimpleNamespace(unet=unet))
     times: dict[str, list[float]] = {"kept": [], "fresh": []}
     with tempfile.TemporaryDirectory() as folder:

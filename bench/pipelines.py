@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +27,20 @@ def full_size_unet(device: torch.device, dtype: torch.dtype) -> UNet2DConditionM
     """The full-size SDXL UNet alone, random weights (seed 0), for microbenchmarks."""
     torch.manual_seed(0)
     return _unet(device).to(dtype=dtype).eval()
+
+
+def microbench_setup(description: str, runs: int) -> tuple[argparse.Namespace, torch.device, torch.dtype,
+                                                            UNet2DConditionModel]:
+    """A UNet microbenchmark's start: ``--device``/``--runs`` parsed, warnings-only logging, the full-size UNet in
+    the device's dtype (float16 on CUDA, float32 on CPU)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", type=int, default=runs)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return args, device, dtype, full_size_unet(device, dtype)
 
 
 def _full_size(device: torch.device, dtype: torch.dtype) -> StableDiffusionXLPipeline:

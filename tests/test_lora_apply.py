@@ -17,6 +17,7 @@ from sdxl_worker.weights.patcher import LoraPatcher, ScaledLora, fused_weight
 from sdxl_worker.weights.ram_cache import LoraRamCache
 from tests.support.lora_forms import (canonical_factors, write_diffusers, write_kohya, write_old_diffusers,
                                       write_peft_folder, write_sd15_shaped)
+from tests.support.lycoris_files import write_lycoris
 from tests.support.weights import assert_bit_identical, snapshot
 
 ALL = ("unet", "text_encoder", "text_encoder_2")
@@ -115,6 +116,11 @@ def test_fifty_random_jobs_with_failures_leave_every_weight_bit_identical(pipe, 
         parse(write_kohya(tmp_path / "conv.safetensors",
                           canonical_factors(pipe, ("unet",), 2, seed=12, convs=True)), config),
         parse(write_diffusers(tmp_path / "te.safetensors", canonical_factors(pipe, ALL[1:], 4, seed=13)), config),
+        *(parse(write_lycoris(pipe, tmp_path / f"{algo}-{i}.safetensors", algo, seed=20 + i, **options), config)
+          for i, (algo, options) in enumerate([("lora", {"use_tucker": True}), ("loha", {"use_tucker": True}),
+                                               ("lokr", {"factor": 4}), ("full", {"std": 0.02}),
+                                               ("lora", {"dora_wd": True}),
+                                               ("loha", {"dora_wd": True, "wd_on_output": False})])),
     ]
     assert any(f.down.dim() == 4 for f in loras[2].components["unet"].values())
     patcher = LoraPatcher(pipe)
@@ -158,7 +164,8 @@ def test_shape_mismatch_is_reported(pipe, tmp_path):
         LoraPatcher(pipe).apply([ScaledLora(lora, 1.0, "bad")])
 
 
-@pytest.mark.parametrize("marker, kind", [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr"), ("dora_scale", "DoRA")])
+@pytest.mark.parametrize("marker, kind", [("oft_blocks", "OFT"), ("on_input", "IA3"), ("a1.weight", "GLoRA"),
+                                          ("lora_magnitude_vector", "DoRA")])
 def test_lycoris_and_dora_files_get_an_error_naming_the_type(tmp_path, marker, kind):
     path = tmp_path / f"{kind}.safetensors"
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"

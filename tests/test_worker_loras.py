@@ -56,7 +56,7 @@ def test_url_lora_downloads_once_then_hits_disk_and_ram_with_the_same_image(work
     assert report["cache_hit"] is False and again["cache_hit"] is True and again["ram_cache_hit"] is True
     assert report["label"] == "style" and report["scale"] == 0.9 and report["source"] == url
     assert report["modules_patched"] == {"unet": 96, "text_encoder": 20, "text_encoder_2": 20}
-    assert report["unmatched_keys"] == [] and len(report["sha256"]) == 64
+    assert report["unmatched_keys"] == [] and len(report["sha256"]) == 64 and report["type"] == "lora"
     assert {"fetch_ms", "load_ms", "apply_ms"} <= report.keys()
     assert {"lora_fetch", "lora_load", "lora_apply", "lora_restore"} <= first["timings"].keys()
 

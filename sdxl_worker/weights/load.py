@@ -4,9 +4,10 @@ Accepted: kohya / A1111 / Civitai files (``lora_unet_*``, ``lora_te1_*``, ``lora
 names included), diffusers files (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*`` in old and new layouts) and
 PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``, keys possibly prefixed
 ``base_model.model.``). ``.safetensors`` is read safely; ``.pt``/``.bin``/``.ckpt`` only with
-``torch.load(weights_only=True)``. Types without an adapter (LoHa, LoKr, DoRA, IA3, OFT, full-weight diffs, norm
-tuning: ``weights.adapters.UNSUPPORTED_TYPES``) raise ``LoraError`` naming the type instead of being dropped with a
-warning.
+``torch.load(weights_only=True)``. LyCORIS types (LoCon/Tucker, LoHa, LoKr, DoRA, full, norm) are read from the
+file's own module names (``split_lycoris``), their module paths found with the same converters; types without an
+adapter (IA3, GLoRA, OFT, BOFT, PEFT DoRA: ``weights.adapters.UNSUPPORTED_TYPES``) raise ``LoraError`` naming the type
+instead of being dropped with a warning.
 
 Steps, in ``load_lora``'s order: read the file, refuse unsupported types, cast, fold each LoRA's ``alpha / rank`` (or
 PEFT's ``lora_alpha / r``) into its up factor (so every pair means ``delta W = up @ down``), convert the keys to PEFT
@@ -30,8 +31,8 @@ from safetensors.torch import load_file
 
 from sdxl_worker.errors import LoraError
 from sdxl_worker.store.file_checks import PEFT_CONFIG, find_peft_weights
-from sdxl_worker.weights.adapters import (KEY_NAMES, WeightAdapter, adapter_for, refuse_unsupported,
-                                          refuse_unsupported_peft)
+from sdxl_worker.weights.adapters import (KEY_NAMES, LYCORIS_KEY_NAMES, LYCORIS_MARKERS, WeightAdapter, adapter_for,
+                                          refuse_unsupported, refuse_unsupported_peft)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_ENCODERS)
@@ -221,18 +222,50 @@ def _to_peft_layout(component: str, state: dict[str, torch.Tensor]) -> dict[str,
             for key, v in converted.items()}
 
 
-def _group_by_module(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
-    """The keys per module path, named relative to it (``lora_A.weight``), split at the key names the adapter types
-    read; and the keys that end in none of those names."""
+def _group_by_module(state: dict[str, torch.Tensor], names: tuple[str, ...] = KEY_NAMES
+                     ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The keys per module path, named relative to it (``lora_A.weight``), split at ``names`` (the key names the
+    adapter types read, longest first); and the keys that end in none of those names."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     loose = []
     for key, tensor in state.items():
-        name = next((name for name in KEY_NAMES if key.endswith("." + name) and len(key) > len(name) + 1), None)
+        name = next((name for name in names if key.endswith("." + name) and len(key) > len(name) + 1), None)
         if name is None:
             loose.append(key)
         else:
             groups.setdefault(key[: -len(name) - 1], {})[name] = tensor
     return groups, loose
+
+
+def split_lycoris(state: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The keys of plain LoRA pairs, and the modules (by the file's own module name) that a LyCORIS-style type reads:
+    those with any key beyond a plain pair's (``lora_mid``, ``dora_scale``, ``hada_*``, ``lokr_*``, ``diff``, ...),
+    all their keys kept, alpha included."""
+    groups, _ = _group_by_module(state, LYCORIS_KEY_NAMES)
+    lycoris = {module: keys for module, keys in groups.items() if LYCORIS_MARKERS & set(keys)}
+    taken = {f"{module}.{name}" for module, keys in lycoris.items() for name in keys}
+    return {key: value for key, value in state.items() if key not in taken}, lycoris
+
+
+def _module_paths(modules: list[str], unet_config: dict | None) -> dict[str, tuple[str, str]]:
+    """``(component, module path)`` for each of the file's module names, found by passing a 1x1 placeholder pair
+    per module (valued by its index) through the same diffusers converters the plain pairs go through."""
+    placeholders = {}
+    for index, module in enumerate(modules):
+        down, up = (".lora_down.weight", ".lora_up.weight") if module.startswith("lora_") else (".lora_A.weight",
+                                                                                                ".lora_B.weight")
+        placeholders[module + down] = torch.full((1, 1), float(index))
+        placeholders[module + up] = torch.ones(1, 1)
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(placeholders, unet_config=unet_config)
+    found = {}
+    for component in COMPONENTS:
+        prefix = component + "."
+        local = {key[len(prefix):]: value for key, value in converted.items() if key.startswith(prefix)}
+        for key, value in _to_peft_layout(component, local).items():
+            if key.endswith(".lora_A.weight"):
+                found[modules[int(value.item())]] = (component, key[: -len(".lora_A.weight")])
+    return found
 
 
 def _adapters(groups: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device | str,
@@ -260,8 +293,9 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
     check_factors(state, path.name)
     state = cast_factors(state, device, dtype)
     refuse_non_finite(state, path.name)
-    state = fold_alphas(state)
-    converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet_config)
+    plain, lycoris = split_lycoris(state)
+    converted = StableDiffusionXLPipeline.lora_state_dict(fold_alphas(plain), unet_config=unet_config)[0] \
+        if plain else {}
     components: dict[str, dict[str, WeightAdapter]] = {}
     unmatched: list[str] = []
     for component in COMPONENTS:
@@ -273,6 +307,15 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
         components[component], unread = _adapters(groups, device, dtype)
         unmatched += [prefix + key for key in loose + unread]
     unmatched += [key for key in converted if not key.startswith(tuple(c + "." for c in COMPONENTS))]
+    paths = _module_paths(sorted(lycoris), unet_config) if lycoris else {}
+    for module, keys in lycoris.items():
+        if module not in paths:
+            unmatched += [f"{module}.{name}" for name in keys]
+            continue
+        component, module_path = paths[module]
+        found, unread = _adapters({module_path: keys}, device, dtype)
+        components.setdefault(component, {}).update(found)
+        unmatched += [f"{module}.{name}" for name in unread]
     if not any(components.values()):
         raise LoraError(f"{path.name} holds no LoRA weights for an SDXL UNet or text encoder "
                         f"({len(state)} tensors, e.g. {sorted(state)[0]!r})")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -52,12 +53,13 @@ class ApplyReport:
     label: str
     modules_patched: dict[str, int]
     unmatched_keys: list[str]
+    type: str | dict[str, str | dict[str, int]] = "lora"
     apply_ms: float = 0.0
     skipped_zero_scale: bool = False
     reused_fused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"modules_patched": self.modules_patched, "unmatched_keys": self.unmatched_keys,
+        return {"type": self.type, "modules_patched": self.modules_patched, "unmatched_keys": self.unmatched_keys,
                 "apply_ms": round(self.apply_ms, 2), "skipped_zero_scale": self.skipped_zero_scale,
                 "reused_fused": self.reused_fused}
 
@@ -68,6 +70,13 @@ class _Target:
     path: str
     parts: list[tuple[WeightAdapter, float]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+
+    def params(self) -> list[tuple[torch.nn.Parameter, bool]]:
+        """The weight, and the bias when an adapter updates it, each with whether it is the bias."""
+        params = [(self.module.weight, False)]
+        if any(adapter.updates_bias for adapter, _ in self.parts):
+            params.append((self.module.bias, True))
+        return params
 
 
 def fused_weight(weight: torch.Tensor, parts: list[tuple[WeightAdapter, float]],
@@ -84,6 +93,18 @@ def fused_weight(weight: torch.Tensor, parts: list[tuple[WeightAdapter, float]],
         (adapter, scale), = parts
         return adapter.fused_alone(weight, scale, out)
     return merged_in_float32(weight, parts, out)
+
+
+def lora_type(lora: ParsedLora) -> str | dict[str, str | dict[str, int]]:
+    """The adapter type of ``lora`` (``loha``, ``locon-tucker+dora``, ...): one name when every module has the same
+    type, else per component the type, or the module count per type where a component mixes types."""
+    per_component = {component: dict(Counter(adapter.label for adapter in modules.values()))
+                     for component, modules in lora.components.items() if modules}
+    kinds = {kind for counts in per_component.values() for kind in counts}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return {component: next(iter(counts)) if len(counts) == 1 else counts
+            for component, counts in per_component.items()}
 
 
 def _reusable(buffer: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
@@ -147,10 +168,13 @@ class LoraPatcher:
         own ranks disagree (a broken file) are told apart from those that do not fit this model."""
         mapped: dict[str, dict[str, torch.nn.Module]] = {}
         broken, missing, misfit, total = [], [], [], 0
+        per_type: dict[str, list[int]] = {}  # type -> [matched, total]
         for component, modules in lora.components.items():
             mapped[component] = {}
             for path, adapter in modules.items():
                 total += 1
+                counts = per_type.setdefault(adapter.label, [0, 0])
+                counts[1] += 1
                 module = self._find(component, path)
                 if (defect := adapter.defect()) is not None:
                     broken.append(f"{component}.{path} ({defect})")
@@ -160,6 +184,7 @@ class LoraPatcher:
                     misfit.append(f"{component}.{path} ({problem})")
                 else:
                     mapped[component][path] = module
+                    counts[0] += 1
         broken_text = (f"{len(broken)} are broken in the file itself: their up and down ranks disagree, e.g. "
                        f"{broken[:_SHOWN_PROBLEMS]} (a corrupt or badly converted LoRA)") if broken else ""
         if not missing and not misfit:
@@ -172,6 +197,8 @@ class LoraPatcher:
             problems.append(f"{len(missing)} name no module of this model, e.g. {missing[:_SHOWN_PROBLEMS]}")
         if misfit:
             problems.append(f"{len(misfit)} do not fit the weight's shape, e.g. {misfit[:_SHOWN_PROBLEMS]}")
+        if len(per_type) > 1:
+            problems.append("per type " + ", ".join(f"{kind} {hit}/{of}" for kind, (hit, of) in sorted(per_type.items())))
         matched = total - len(broken) - len(missing) - len(misfit)
         raise LoraError(f"{label}: only {matched}/{total} LoRA modules match this SDXL model; " + "; ".join(problems)
                         + " (a LoRA for another base model, such as SD 1.5 or Flux?)")
@@ -185,7 +212,7 @@ class LoraPatcher:
         reports, targets = [], {}
         for item, modules in zip(loras, mapped):
             counts = {component: len(found) for component, found in modules.items()}
-            reports.append(ApplyReport(item.label, counts, list(item.lora.unmatched_keys),
+            reports.append(ApplyReport(item.label, counts, list(item.lora.unmatched_keys), lora_type(item.lora),
                                        skipped_zero_scale=item.scale == 0))
             if item.scale == 0:
                 continue
@@ -201,17 +228,23 @@ class LoraPatcher:
         sums: list[torch.Tensor] = []
         try:
             for target in targets.values():
-                weight = target.module.weight
-                if reused:
-                    fused = self._kept[weight]
-                else:
-                    # Outside inference mode, so the kept tensors can be written by any later apply: the overlapped
-                    # path applies inside the pipeline call (inference mode), the sequential path outside it.
-                    with torch.inference_mode(False):
-                        fused = fused_weight(weight, target.parts, out=_reusable(buffers.pop(weight, None), weight))
-                    sums.append(fused.sum(dtype=torch.float32))  # NaN or inf iff an element is
-                self._originals[weight] = weight.data
-                weight.data = fused
+                target_sums = []
+                for param, is_bias in target.params():
+                    if reused:
+                        fused = self._kept[param]
+                    else:
+                        # Outside inference mode, so the kept tensors can be written by any later apply: the
+                        # overlapped path applies inside the pipeline call (inference mode), the sequential path
+                        # outside it.
+                        with torch.inference_mode(False):
+                            out = _reusable(buffers.pop(param, None), param)
+                            fused = (merged_in_float32(param, target.parts, out, bias=True) if is_bias
+                                     else fused_weight(param, target.parts, out=out))
+                        target_sums.append(fused.sum(dtype=torch.float32))  # NaN or inf iff an element is
+                    self._originals[param] = param.data
+                    param.data = fused
+                if target_sums:
+                    sums.append(torch.stack(target_sums).sum())
             _refuse_non_finite(list(targets.values()), sums)
             if self.reuse_fused and targets and not reused:
                 self._kept_key, self._kept = key, {weight: weight.data for weight in self._originals}

@@ -14,20 +14,28 @@ import torch
 from sdxl_worker.errors import LoraError
 from sdxl_worker.store.file_checks import PEFT_CONFIG
 from sdxl_worker.weights.adapters.base import WeightAdapter
+from sdxl_worker.weights.adapters.delta import DeltaAdapter
+from sdxl_worker.weights.adapters.full import FullAdapter, NormAdapter
+from sdxl_worker.weights.adapters.locon import LoconAdapter
+from sdxl_worker.weights.adapters.loha import LohaAdapter
+from sdxl_worker.weights.adapters.lokr import LokrAdapter
 from sdxl_worker.weights.adapters.lora import LoraAdapter
 
-ADAPTER_TYPES: tuple[type[WeightAdapter], ...] = (LoraAdapter,)
+# The types read from a file's own (kohya / LyCORIS) key names, alpha kept: a module with any of their keys
+# other than a plain pair's (``lora_down.weight``, ``lora_up.weight``, ``alpha``) is read by them.
+LYCORIS_TYPES: tuple[type[DeltaAdapter], ...] = (LoconAdapter, LohaAdapter, LokrAdapter, FullAdapter, NormAdapter)
+ADAPTER_TYPES: tuple[type[WeightAdapter], ...] = (LoraAdapter, *LYCORIS_TYPES)
 # Longest first, so a key is split at the most specific name that ends it.
 KEY_NAMES: tuple[str, ...] = tuple(sorted({name for kind in ADAPTER_TYPES for name in kind.key_names},
                                           key=len, reverse=True))
+LYCORIS_KEY_NAMES: tuple[str, ...] = tuple(name for name in KEY_NAMES
+                                           if any(name in kind.key_names for kind in LYCORIS_TYPES))
+LYCORIS_MARKERS: frozenset[str] = frozenset(LYCORIS_KEY_NAMES) - {"lora_down.weight", "lora_up.weight", "alpha"}
 UNSUPPORTED_TYPES = {
-    re.compile(r"\.hada_"): "LoHa (LyCORIS)",
-    re.compile(r"\.lokr_"): "LoKr (LyCORIS)",
-    re.compile(r"dora_scale|lora_magnitude_vector"): "DoRA",
-    re.compile(r"\.oft_"): "OFT",
-    re.compile(r"\.ia3_|\.ia3\b"): "IA3",
-    re.compile(r"\.diff(_b)?$"): "full-weight difference (LyCORIS 'full')",
-    re.compile(r"\.(w_norm|b_norm)$"): "norm tuning (LyCORIS)",
+    re.compile(r"lora_magnitude_vector"): "PEFT DoRA",
+    re.compile(r"\.oft_|^oft_"): "OFT",
+    re.compile(r"\.ia3_|\.ia3\b|\.on_input$|^lora_(unet|te\d?)_[^.]+\.weight$"): "IA3",
+    re.compile(r"\.a[12]\.weight$|\.b[12]\.weight$"): "GLoRA",
 }
 
 
@@ -36,7 +44,8 @@ def refuse_unsupported(keys: Iterable[str], name: str) -> None:
     keys = list(keys)
     for pattern, kind in UNSUPPORTED_TYPES.items():
         if any(pattern.search(key) for key in keys):
-            raise LoraError(f"{name}: {kind} weights are not supported; only plain LoRA (low-rank up/down) files are")
+            raise LoraError(f"{name}: {kind} weights are not supported; supported are LoRA/LoCon (Tucker), LoHa, "
+                            "LoKr, DoRA, full and norm")
 
 
 def refuse_unsupported_peft(config: dict, name: str) -> None:

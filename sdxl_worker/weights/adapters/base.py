@@ -48,6 +48,20 @@ class WeightAdapter(ABC):
         """Bytes held by this adapter's tensors."""
 
     @property
+    def label(self) -> str:
+        """The type as the job report names it (``name``, refined by a type that has variants)."""
+        return self.name
+
+    @property
+    def updates_bias(self) -> bool:
+        """Whether this adapter also updates the module's bias (``merge_bias_into``)."""
+        return False
+
+    def merge_bias_into(self, bias: torch.Tensor, scale: float) -> None:
+        """Apply this adapter's bias update at ``scale`` to ``bias`` (float32, in place); a type without one has
+        nothing to do."""
+
+    @property
     def rank(self) -> int | None:
         """The rank of a low-rank type; None where the type has none."""
         return None
@@ -59,19 +73,23 @@ class WeightAdapter(ABC):
 
 
 def merged_in_float32(weight: torch.Tensor, parts: Sequence[tuple[WeightAdapter, float]],
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, bias: bool = False) -> torch.Tensor:
     """``weight`` with every adapter of ``parts`` merged at its scale in float32, rounded once to ``weight``'s dtype.
 
     ``weight`` is only read. The result is written into ``out`` when given (a contiguous tensor like ``weight``,
     whose values are overwritten; used as the float32 accumulator when it is float32), else into a new tensor; the
-    bits are the same either way.
+    bits are the same either way. With ``bias``, ``weight`` is the module's bias and each adapter's bias update is
+    merged instead.
     """
     if out is not None and out.dtype == torch.float32:
         merged = out.copy_(weight)
     else:
         merged = weight.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     for adapter, scale in parts:
-        adapter.merge_into(merged, scale)
+        if bias:
+            adapter.merge_bias_into(merged, scale)
+        else:
+            adapter.merge_into(merged, scale)
     if out is None:
         return merged.to(weight.dtype)
     if merged is not out:
