@@ -217,14 +217,16 @@ def test_a_checkpoint_without_lora_weights_is_rejected(tmp_path):
         parse(path)
 
 
-def test_a_factor_without_its_pair_is_reported_unmatched_and_the_pairs_still_load(pipe, tmp_path):
+def test_a_factor_without_its_pair_refuses_the_file_naming_the_key(pipe, tmp_path):
     factors = canonical_factors(pipe, ("unet",), 2, seed=14)
     state = load_file(str(write_diffusers(tmp_path / "d.safetensors", factors)))
     module = next(key for key in state if key.endswith(".lora_A.weight"))[: -len(".lora_A.weight")]
     state[f"{module}_lone.lora_A.weight"] = torch.randn(2, 8)
     save_file(state, str(tmp_path / "lone.safetensors"))
-    lora = parse(tmp_path / "lone.safetensors", pipe.unet.config)
-    assert lora.unmatched_keys == [f"{module}_lone.lora_A.weight"]
+    with pytest.raises(LoraError, match=rf"'{module}_lone\.lora_A\.weight' \(a factor without the rest of its "
+                                        r"adapter\)"):
+        parse(tmp_path / "lone.safetensors", pipe.unet.config)
+    lora = parse(write_diffusers(tmp_path / "d.safetensors", factors), pipe.unet.config)
     assert lora.module_count == len(factors)
     assert all(isinstance(adapter, LoraAdapter) and adapter.rank == 2 for adapter in lora.components["unet"].values())
 

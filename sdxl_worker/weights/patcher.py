@@ -61,14 +61,13 @@ class ApplyReport:
 
     label: str
     modules_patched: dict[str, int]
-    unmatched_keys: list[str]
     apply_ms: float = 0.0
     skipped_zero_scale: bool = False
     reused_fused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"modules_patched": self.modules_patched, "unmatched_keys": self.unmatched_keys,
-                "apply_ms": round(self.apply_ms, 2), "skipped_zero_scale": self.skipped_zero_scale,
+        return {"modules_patched": self.modules_patched, "apply_ms": round(self.apply_ms, 2),
+                "skipped_zero_scale": self.skipped_zero_scale,
                 "reused_fused": self.reused_fused}
 
 
@@ -170,8 +169,7 @@ class LoraPatcher:
             # A part at scale 0 is left untouched; a LoRA at scale 0 everywhere changes nothing.
             active = {component: found for component, found in modules.items() if item.scale_of(component) != 0}
             counts = {component: len(found) for component, found in (active or modules).items()}
-            reports.append(ApplyReport(item.label, counts, list(item.lora.unmatched_keys),
-                                       skipped_zero_scale=not active))
+            reports.append(ApplyReport(item.label, counts, skipped_zero_scale=not active))
             for component, found in active.items():
                 for path, module in found.items():
                     target = targets.setdefault(id(module), _Target(module))
@@ -207,8 +205,8 @@ class LoraPatcher:
             share = 0 if report.skipped_zero_scale else sum(report.modules_patched.values()) / patched
             report.apply_ms = elapsed_ms * share
             report.reused_fused = reused
-            LOG.info("LoRA %s: patched %s, %d unmatched key(s), %.1f ms%s", report.label, report.modules_patched,
-                     len(report.unmatched_keys), report.apply_ms, " (same set as last job: reused)" if reused else "")
+            LOG.info("LoRA %s: patched %s, %.1f ms%s", report.label, report.modules_patched, report.apply_ms,
+                     " (same set as last job: reused)" if reused else "")
         return reports
 
     @torch.no_grad()
