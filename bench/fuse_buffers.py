@@ -18,8 +18,6 @@ import tempfile
 import types
 from pathlib import Path
 
-import torch
-
 from bench.paths import timed
 from bench.pipelines import microbench_setup
 from sdxl_worker.weights.load import load_lora

@@ -98,6 +98,48 @@ def test_scale_zero_gives_the_baseline_image(pipe, tmp_path):
         assert np.array_equal(render(pipe), baseline)
 
 
+def test_the_unet_and_the_text_encoders_take_their_own_scales(pipe, tmp_path):
+    factors = canonical_factors(pipe, ALL, rank=4, seed=6)
+    both = parse(write_kohya(tmp_path / "both.safetensors", factors), pipe.unet.config)
+    split = {part: {key: value for key, value in factors.items() if (key[0] == "unet") == (part == "unet")}
+             for part in ("unet", "te")}
+    parts = {part: parse(write_kohya(tmp_path / f"{part}.safetensors", chosen), pipe.unet.config)
+             for part, chosen in split.items()}
+    reference = snapshot(pipe)
+    with LoraPatcher(pipe).applied([ScaledLora(parts["unet"], 0.7, "u"), ScaledLora(parts["te"], -0.4, "t")]):
+        expected = snapshot(pipe)
+    with LoraPatcher(pipe).applied([ScaledLora(both, 0.7, "both", te_scale=-0.4)]) as reports:
+        assert_bit_identical(pipe, expected)
+        assert set(reports[0].modules_patched) == set(ALL)
+    with LoraPatcher(pipe).applied([ScaledLora(both, 0.7, "unet only", te_scale=0.0)]) as reports:
+        unet_only = snapshot(pipe)
+        assert set(reports[0].modules_patched) == {"unet"} and not reports[0].skipped_zero_scale
+    changed = {key.split(".", 1)[0] for key in reference if not torch.equal(reference[key], unet_only[key])}
+    assert changed == {"unet"}
+    with LoraPatcher(pipe).applied([ScaledLora(both, 0.0, "te only", te_scale=0.5)]) as reports:
+        te_only = snapshot(pipe)
+        assert set(reports[0].modules_patched) == {"text_encoder", "text_encoder_2"}
+    changed = {key.split(".", 1)[0] for key in reference if not torch.equal(reference[key], te_only[key])}
+    assert changed == {"text_encoder", "text_encoder_2"}
+    with LoraPatcher(pipe).applied([ScaledLora(both, 0.0, "off", te_scale=0.0)]) as reports:
+        assert reports[0].skipped_zero_scale
+        assert_bit_identical(pipe, reference)
+    assert_bit_identical(pipe, reference)
+
+
+def test_kept_fused_weights_are_not_reused_for_another_text_encoder_scale(pipe, tmp_path):
+    lora = parse(write_kohya(tmp_path / "a.safetensors", canonical_factors(pipe, ALL, rank=4, seed=7)),
+                 pipe.unet.config)
+    patcher = LoraPatcher(pipe)
+    with patcher.applied([ScaledLora(lora, 0.6, "a", te_scale=0.6)]):
+        pass
+    with patcher.applied([ScaledLora(lora, 0.6, "a", te_scale=0.1)]) as reports:
+        assert not reports[0].reused_fused
+        fresh = snapshot(pipe)
+    with LoraPatcher(pipe, reuse_fused=False).applied([ScaledLora(lora, 0.6, "a", te_scale=0.1)]):
+        assert_bit_identical(pipe, fresh)
+
+
 def poisoned(lora: ParsedLora) -> ParsedLora:
     """The same LoRA with its last UNet module's factors on the meta device: applying fails midway, for real."""
     components = {name: dict(modules) for name, modules in lora.components.items()}
@@ -182,14 +224,16 @@ def test_a_checkpoint_without_lora_weights_is_rejected(tmp_path):
         parse(path)
 
 
-def test_a_factor_without_its_pair_is_reported_unmatched_and_the_pairs_still_load(pipe, tmp_path):
+def test_a_factor_without_its_pair_refuses_the_file_naming_the_key(pipe, tmp_path):
     factors = canonical_factors(pipe, ("unet",), 2, seed=14)
     state = load_file(str(write_diffusers(tmp_path / "d.safetensors", factors)))
     module = next(key for key in state if key.endswith(".lora_A.weight"))[: -len(".lora_A.weight")]
     state[f"{module}_lone.lora_A.weight"] = torch.randn(2, 8)
     save_file(state, str(tmp_path / "lone.safetensors"))
-    lora = parse(tmp_path / "lone.safetensors", pipe.unet.config)
-    assert lora.unmatched_keys == [f"{module}_lone.lora_A.weight"]
+    with pytest.raises(LoraError, match=rf"'{module}_lone\.lora_A\.weight' \(a factor without the rest of its "
+                                        r"adapter\)"):
+        parse(tmp_path / "lone.safetensors", pipe.unet.config)
+    lora = parse(write_diffusers(tmp_path / "d.safetensors", factors), pipe.unet.config)
     assert lora.module_count == len(factors)
     assert all(isinstance(adapter, LoraAdapter) and adapter.rank == 2 for adapter in lora.components["unet"].values())
 

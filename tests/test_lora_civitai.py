@@ -121,7 +121,7 @@ def test_sdxl_family_base_models_are_accepted(tmp_path, civitai, base_model):
     assert LoraCache(cache_settings(tmp_path / "cache", civitai_api_base=civitai.base)).resolve(LoraRequest(0, f"civitai:{VERSION}")).sha256 == SHA
 
 
-@pytest.mark.parametrize("model_type", ["Checkpoint", "TextualInversion", "DoRA"])
+@pytest.mark.parametrize("model_type", ["Checkpoint", "TextualInversion", "Hypernetwork"])
 def test_model_types_other_than_lora_are_refused(tmp_path, civitai, model_type):
     civitai.add_version(VERSION, LORA, model_type=model_type)
     with pytest.raises(LoraError, match=f"model version {VERSION} is a {model_type}, not a LoRA"):
@@ -129,8 +129,9 @@ def test_model_types_other_than_lora_are_refused(tmp_path, civitai, model_type):
     assert civitai.server.count(civitai.download_path(VERSION)) == 0
 
 
-def test_locon_versions_are_accepted(tmp_path, civitai):
-    civitai.add_version(VERSION, LORA, model_type="LoCon")
+@pytest.mark.parametrize("model_type", ["LoCon", "LyCORIS", "DoRA"])
+def test_locon_lycoris_and_dora_versions_are_accepted(tmp_path, civitai, model_type):
+    civitai.add_version(VERSION, LORA, model_type=model_type)
     assert LoraCache(cache_settings(tmp_path / "cache", civitai_api_base=civitai.base)).resolve(LoraRequest(0, f"civitai:{VERSION}")).sha256 == SHA
 
 

@@ -41,6 +41,20 @@ def test_dict_form_with_every_field():
     assert request.label == "style"
 
 
+def test_te_scale_is_the_text_encoders_strength_and_defaults_to_scale():
+    plain, split, off = parsed([{"path": "a.safetensors", "scale": 0.4}, {"path": "b.safetensors", "te_scale": 0},
+                                {"path": "c.safetensors", "scale": 0, "te_scale": 0}])
+    assert (plain.scale, plain.te_scale, plain.is_off) == (0.4, 0.4, False)
+    assert (split.scale, split.te_scale, split.is_off) == (1.0, 0.0, False)
+    assert off.is_off
+
+
+@pytest.mark.parametrize("te_scale", ["abc", True, math.nan, 10.5])
+def test_bad_te_scale_is_named_with_index_and_field(te_scale):
+    (error,) = errors_of([{"path": "c.safetensors", "te_scale": te_scale}])
+    assert error.startswith("loras[0].te_scale: must be a number with |scale| <= 10, got ")
+
+
 @pytest.mark.parametrize("scale", [0, 10, -10, 2.5])
 def test_scale_bounds_are_inclusive(scale):
     (request,) = parsed([{"path": "a.safetensors", "scale": scale}])

@@ -65,6 +65,31 @@ def test_weights_default_to_the_alias_scale_then_one(aliases):
     assert params.loras[0].weight_name == "pixel-art-xl.safetensors" and params.loras[0].ref == "prompt <lora:pixel>"
 
 
+@pytest.mark.parametrize("tag, scales", [
+    # A1111's extra_networks_lora.py: te = positional[1] (default 1.0), te= overrides; unet = positional[2], else
+    # te, unet= overrides.
+    ("<lora:x:0.7>", (0.7, 0.7)),
+    ("<lora:x:0.25:0.75>", (0.75, 0.25)),
+    ("<lora:x:te=0.5:unet=1.0>", (1.0, 0.5)),
+    ("<lora:x: unet = 1.5 : te = 0 >", (1.5, 0.0)),
+    ("<lora:x:te=0.5>", (0.5, 0.5)),
+    ("<lora:x:unet=0.5>", (0.5, 1.0)),
+    ("<lora:x:0.3:unet=0>", (0.0, 0.3)),
+    ("<lora:pixel:unet=0.5>", (0.5, 0.8)),  # the omitted te weight is the alias's default, as 1.0 is in A1111
+])
+def test_tags_give_the_text_encoders_and_the_unet_a1111s_weights(aliases, tag, scales):
+    (request,) = validated(aliases, prompt=f"a cat {tag}").loras
+    assert (request.scale, request.te_scale) == scales
+
+
+def test_an_alias_te_scale_is_the_default_of_a_tag_without_weights():
+    aliases = {"px": {"path": "x.safetensors", "scale": 0.6, "te_scale": 0.2}}
+    (request,) = validated(aliases, prompt="a <lora:px>").loras
+    assert (request.scale, request.te_scale) == (0.6, 0.2)
+    (request,) = validated(aliases, prompt="a <lora:px:unet=1>").loras
+    assert (request.scale, request.te_scale) == (1.0, 0.2)
+
+
 def test_list_entries_come_first_and_tags_are_numbered_after_them(aliases):
     params = validated(aliases, prompt="<lora:pixel:0.5> a cat", loras=["film", {"path": "mine", "scale": 0.3}])
     assert [(r.index, r.ref, r.label, r.scale) for r in params.loras] == [
@@ -79,8 +104,11 @@ def test_alias_entries_keep_the_job_entry_keys_over_the_alias_ones(aliases):
 
 
 @pytest.mark.parametrize("fields, fragment", [
-    ({"prompt": "a <lora:x:1:0.5>"}, "prompt: <lora:x:1:0.5>: separate text-encoder/UNet weights"),
-    ({"prompt": "a <lora:x:te=1>"}, "prompt: <lora:x:te=1>: separate"),
+    ({"prompt": "a <lora:x:1:0.5:8>"}, "prompt: <lora:x:1:0.5:8>: a dynamic rank (dyn=, a fourth part) is not"),
+    ({"prompt": "a <lora:x:te=1:dyn=8>"}, "prompt: <lora:x:te=1:dyn=8>: a dynamic rank"),
+    ({"prompt": "a <lora:x:0.5:te=1>"}, "prompt: <lora:x:0.5:te=1>: the te weight is given twice"),
+    ({"prompt": "a <lora:x:clip=1>"}, "prompt: <lora:x:clip=1>: unknown weight name(s) clip (use te= and unet=)"),
+    ({"prompt": "a <lora:x:1:unet=big>"}, "prompt: <lora:x:1:unet=big>: the weight must be a number"),
     ({"prompt": "a <lora:x:strong>"}, "prompt: <lora:x:strong>: the weight must be a number with |weight| <= 10"),
     ({"prompt": "a <lora:x:11>"}, "prompt: <lora:x:11>: the weight must be"),
     ({"prompt": "a <lora:x:1_0>"}, "prompt: <lora:x:1_0>: the weight must be"),

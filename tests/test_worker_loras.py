@@ -56,7 +56,8 @@ def test_url_lora_downloads_once_then_hits_disk_and_ram_with_the_same_image(work
     assert report["cache_hit"] is False and again["cache_hit"] is True and again["ram_cache_hit"] is True
     assert report["label"] == "style" and report["scale"] == 0.9 and report["source"] == url
     assert report["modules_patched"] == {"unet": 96, "text_encoder": 20, "text_encoder_2": 20}
-    assert report["unmatched_keys"] == [] and len(report["sha256"]) == 64 and report["type"] == "lora"
+    assert "unmatched_keys" not in report and len(report["sha256"]) == 64 and report["type"] == "lora"
+    assert report["te_scale"] == 0.9  # the entry's scale, as no te_scale was given
     assert {"fetch_ms", "load_ms", "apply_ms"} <= report.keys()
     assert {"lora_fetch", "lora_load", "lora_apply", "lora_restore"} <= first["timings"].keys()
 
@@ -91,6 +92,20 @@ def test_scale_zero_gives_the_same_bytes_as_no_lora(worker_handler, server):
     zero = images_of(run_through_sdk(worker_handler, small_job(
         seed=42, loras=[{"path": server.url("/style.safetensors"), "scale": 0}])))
     assert zero == plain
+
+
+def test_each_part_takes_its_own_scale_and_the_report_shows_both(worker_handler, server):
+    plain = images_of(run_through_sdk(worker_handler, small_job(seed=43)))
+    url = server.url("/style.safetensors")
+    off = run_through_sdk(worker_handler, small_job(seed=43, loras=[{"path": url, "scale": 0, "te_scale": 0}]))
+    assert images_of(off) == plain and off["output"]["loras"][0]["skipped_zero_scale"] is True
+    tag_free = run_through_sdk(worker_handler, small_job(seed=43, loras=[{"path": url, "scale": 0.9, "te_scale": 0}]))
+    report = tag_free["output"]["loras"][0]
+    assert (report["scale"], report["te_scale"]) == (0.9, 0.0)
+    assert report["modules_patched"] == {"unet": 96}
+    text_only = run_through_sdk(worker_handler, small_job(seed=43, loras=[{"path": url, "scale": 0, "te_scale": 1}]))
+    assert text_only["output"]["loras"][0]["modules_patched"] == {"text_encoder": 20, "text_encoder_2": 20}
+    assert len({images_of(tag_free)[0], images_of(text_only)[0], plain[0]}) == 3
 
 
 def test_peft_folder_in_the_cache_is_applied(worker_handler, lora_files, worker_cache_dir):

@@ -19,6 +19,7 @@ def lora_report(item: LoadedLora, report: ApplyReport, secrets: tuple[str, ...] 
         "source": scrub(public_source(request.source), secrets),
         "label": scrub(request.label, secrets),
         "scale": request.scale,
+        "te_scale": request.te_scale,
         "file": scrub(item.resolved.display_name, secrets),
         "cache_hit": item.resolved.cache_hit,
         "ram_cache_hit": item.ram_hit,

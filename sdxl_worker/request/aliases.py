@@ -2,15 +2,15 @@
 
 The variable holds a JSON object, or the path of a file holding one (a value that starts with neither ``{`` nor
 ``[`` is read as a path). Each key is a name; each value is a source string or an object like a ``loras`` entry
-(``path`` required; ``weight_name``, ``revision``, ``sha256``, ``scale`` and ``name`` optional)::
+(``path`` required; ``weight_name``, ``revision``, ``sha256``, ``scale``, ``te_scale`` and ``name`` optional)::
 
     LORA_ALIASES='{"pixel": {"path": "nerijs/pixel-art-xl", "weight_name": "pixel-art-xl.safetensors", "scale": 0.8},
                    "film": "https://example.com/loras/film-grain.safetensors"}'
 
-An alias's ``scale`` is its default: a tag weight or an entry's ``scale`` overrides it. Names are 1..100 characters
-without ``/``, ``:``, ``<``, ``>``, control characters or surrounding spaces; an alias shadows a cache file of the
-same name. Aliases do not chain: a value's ``path`` is read as a source. Everything is checked when the worker
-starts; any problem stops it with a message naming ``LORA_ALIASES``.
+An alias's ``scale`` and ``te_scale`` are its defaults: tag weights or an entry's keys override them. Names are
+1..100 characters without ``/``, ``:``, ``<``, ``>``, control characters or surrounding spaces; an alias shadows a
+cache file of the same name. Aliases do not chain: a value's ``path`` is read as a source. Everything is checked
+when the worker starts; any problem stops it with a message naming ``LORA_ALIASES``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """A job's ``loras`` list -> validated ``LoraRequest`` objects, with every problem reported at once.
 
-An entry is a string source or ``{"path": source, "scale": 1.0}`` with optional ``weight_name``, ``revision``,
-``sha256`` (64 hex digits) and ``name`` (a label for reports). ``scale`` is a finite number (not a bool) with
-``|scale| <= 10``; negative values are allowed.
+An entry is a string source or ``{"path": source, "scale": 1.0}`` with optional ``te_scale``, ``weight_name``,
+``revision``, ``sha256`` (64 hex digits) and ``name`` (a label for reports). ``scale`` is a finite number (not a
+bool) with ``|scale| <= 10``; negative values are allowed. ``scale`` is the UNet's strength and, unless ``te_scale``
+is given, the text encoders' too (ComfyUI's ``strength_model`` / ``strength_clip``, A1111's ``unet=`` / ``te=``).
+A part at scale 0 is left untouched.
 
 How a source string is read (surrounding whitespace ignored):
 
@@ -39,7 +41,7 @@ from sdxl_worker.request.civitai_refs import civitai_ref
 MAX_SCALE = 10.0
 MAX_SOURCE_CHARS = 2048
 MAX_NAME_CHARS = 200
-KNOWN_KEYS = ("path", "scale", "weight_name", "revision", "sha256", "name")
+KNOWN_KEYS = ("path", "scale", "te_scale", "weight_name", "revision", "sha256", "name")
 CACHE_DEFAULT_EXTENSION = ".safetensors"
 Aliases = Mapping[str, Mapping[str, Any]]
 _HF_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
@@ -94,6 +96,17 @@ class LoraRequest:
     sha256: str | None = None
     name: str | None = None
     origin: str | None = None   # where the job named it, when not ``loras[index]`` (e.g. a prompt tag)
+    text_encoder_scale: float | None = None  # ``te_scale`` as given; ``None``: the same as ``scale``
+
+    @property
+    def te_scale(self) -> float:
+        """The text encoders' strength: ``te_scale`` when given, else ``scale``."""
+        return self.scale if self.text_encoder_scale is None else self.text_encoder_scale
+
+    @property
+    def is_off(self) -> bool:
+        """Both strengths are 0: the LoRA changes nothing."""
+        return self.scale == 0 and self.te_scale == 0
 
     @property
     def ref(self) -> str:
@@ -232,6 +245,7 @@ def parse_entry(index: int, raw: Any, errors: list[str], where: str | None = Non
         errors.append(f"{where}.path: required")
     source = _check_source(raw["path"], f"{where}.path", errors) if "path" in raw else None
     scale = _check_scale(raw.get("scale", 1.0), f"{where}.scale", errors)
+    te_scale = None if raw.get("te_scale") is None else _check_scale(raw["te_scale"], f"{where}.te_scale", errors)
     weight_name = _check_weight_name(raw.get("weight_name"), f"{where}.weight_name", errors)
     revision = _check_text(raw.get("revision"), f"{where}.revision", errors, _REVISION,
                            "a branch, tag or commit name")
@@ -245,7 +259,8 @@ def parse_entry(index: int, raw: Any, errors: list[str], where: str | None = Non
     if len(errors) > count or source is None or scale is None:
         return None
     return LoraRequest(index=index, source=source, scale=scale, weight_name=weight_name, revision=revision,
-                       sha256=sha256.lower() if sha256 else None, name=name, origin=origin)
+                       sha256=sha256.lower() if sha256 else None, name=name, origin=origin,
+                       text_encoder_scale=te_scale)
 
 
 def parse_lora_requests(raw: object, max_per_request: int,

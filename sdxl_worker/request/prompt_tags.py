@@ -1,13 +1,17 @@
 """A1111-style LoRA tags in the prompt (``<lora:NAME>``, ``<lora:NAME:0.8>``), and trigger words appended to it.
 
-Accepted: ``<lora:NAME>`` (weight: the alias's ``scale``, else 1.0, as in A1111) and ``<lora:NAME:WEIGHT>`` with a
-finite weight, ``|weight| <= 10``; spaces around NAME and WEIGHT are ignored, the word ``lora`` may be in any case,
-and ``<lyco:...>`` is read as ``<lora:...>`` (A1111 1.5+ does the same). NAME is an alias (``LORA_ALIASES``) or a
-file or folder in the LoRA cache (``NAME`` or ``NAME.safetensors``). Refused with an error naming the tag: the
-extended forms that give the text encoders and the UNet different weights (``<lora:NAME:TE:UNET>``, ``te=``,
-``unet=``, ``dyn=``: this worker applies one scale per LoRA), other tags such as ``<hypernet:...>``, URLs or
-``owner/repo`` in a tag (list those in ``loras`` or in an alias), and LoRA tags in ``negative_prompt`` (A1111
-leaves them there as plain text; here they are an error rather than a silent no-op).
+Accepted, with A1111's meaning of each position (``extra_networks_lora.py``): ``<lora:NAME>`` (weights: the alias's
+``scale`` and ``te_scale``, else 1.0, as in A1111), ``<lora:NAME:WEIGHT>`` (one weight for the text encoders and
+the UNet), ``<lora:NAME:TE:UNET>`` (the text encoders' weight, then the UNet's) and the named forms ``te=W`` and
+``unet=W`` (``<lora:NAME:te=0.5:unet=1.0>``, or mixed: ``<lora:NAME:0.5:unet=1>``). As in A1111, an omitted UNet
+weight is the text encoders' weight, and an omitted text-encoder weight is the default (the alias's, else 1.0).
+Each weight is a finite number with ``|weight| <= 10``; spaces around the parts are ignored, the word ``lora`` may be
+in any case, and ``<lyco:...>`` is read as ``<lora:...>`` (A1111 1.5+ does the same). NAME is an alias
+(``LORA_ALIASES``) or a file or folder in the LoRA cache (``NAME`` or ``NAME.safetensors``). Refused with an error
+naming the tag: ``dyn=`` or a fourth part (A1111's dynamic rank: not supported), a weight given both by position and
+by name, other names than ``te``/``unet``, other tags such as ``<hypernet:...>``, URLs or ``owner/repo`` in a tag
+(list those in ``loras`` or in an alias), and LoRA tags in ``negative_prompt`` (A1111 leaves them there as plain
+text; here they are an error rather than a silent no-op).
 
 The prompt the model sees: every tag removed; then runs of whitespace become one space, a space before a comma
 goes, commas left next to each other become one, and spaces and commas at either end are trimmed. A prompt without
@@ -18,8 +22,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sdxl_worker.net.url_safety import cache_name_problem
 from sdxl_worker.request.entries import MAX_SCALE, Aliases, LoraRequest, parse_entry
@@ -29,16 +34,19 @@ LORA_KINDS = ("lora", "lyco")
 _WHITESPACE = re.compile(r"\s+")
 _SPACE_BEFORE_COMMA = re.compile(r" ,")
 _REPEATED_COMMAS = re.compile(r",(?: ?,)+")
+TAG_WEIGHTS = ("te", "unet")  # A1111's order of the positional weights
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
 class LoraTag:
-    """One ``<lora:...>`` tag: its text as written, the name, and the weight (``None`` when omitted)."""
+    """One ``<lora:...>`` tag: its text as written, the name, and its weights (``None`` when omitted): ``te`` for the
+    text encoders, ``unet`` for the UNet."""
 
     text: str
     name: str
-    weight: float | None
+    te: float | None = None
+    unet: float | None = None
 
 
 def _weight(text: str) -> float | None:
@@ -48,24 +56,44 @@ def _weight(text: str) -> float | None:
     return value if math.isfinite(value) and abs(value) <= MAX_SCALE else None
 
 
+def _tag_weights(parts: list[str]) -> tuple[dict[str, float], str | None]:
+    """A1111's ``te`` and ``unet`` weights of a tag's parts after the name, or the reason they are refused."""
+    positional = [part for part in parts if "=" not in part]
+    named = dict(part.split("=", 1) for part in parts if "=" in part)
+    named = {key.strip().lower(): value.strip() for key, value in named.items()}
+    if "dyn" in named or len(positional) > 2:
+        return {}, "a dynamic rank (dyn=, a fourth part) is not supported"
+    unknown = sorted(set(named) - set(TAG_WEIGHTS))
+    if unknown:
+        return {}, f"unknown weight name(s) {', '.join(unknown)} (use te= and unet=)"
+    given = dict(zip(TAG_WEIGHTS, positional))
+    twice = sorted(set(given) & set(named))
+    if twice:
+        return {}, f"the {' and '.join(twice)} weight is given twice (by position and by name)"
+    weights = {}
+    for key, value in {**given, **named}.items():
+        weight = _weight(value)
+        if weight is None:
+            return {}, f"the weight must be a number with |weight| <= {MAX_SCALE:g} ({key}: {value!r})"
+        weights[key] = weight
+    return weights, None
+
+
 def _parse_tag(match: re.Match, errors: list[str]) -> LoraTag | None:
     text = match.group(0)
     if match["kind"].lower() not in LORA_KINDS:
-        errors.append(f"prompt: {text}: only <lora:NAME> and <lora:NAME:WEIGHT> tags are supported")
+        errors.append(f"prompt: {text}: only <lora:NAME> and <lora:NAME:WEIGHT> tags (and <lora:NAME:TE:UNET>, "
+                      "te=, unet=) are supported")
         return None
     parts = [part.strip() for part in match["args"].split(":")]
     if not parts[0]:
         errors.append(f"prompt: {text}: the tag names no LoRA")
         return None
-    if len(parts) > 2 or any("=" in part for part in parts[1:]):
-        errors.append(f"prompt: {text}: separate text-encoder/UNet weights (a second weight, te=, unet=, dyn=) are "
-                      "not supported; give one weight, <lora:NAME:WEIGHT>")
+    weights, problem = _tag_weights(parts[1:])
+    if problem:
+        errors.append(f"prompt: {text}: {problem}")
         return None
-    weight = _weight(parts[1]) if len(parts) == 2 else None
-    if len(parts) == 2 and weight is None:
-        errors.append(f"prompt: {text}: the weight must be a number with |weight| <= {MAX_SCALE:g}")
-        return None
-    return LoraTag(text, parts[0], weight)
+    return LoraTag(text, parts[0], **weights)
 
 
 def tidy(prompt: str) -> str:
@@ -83,6 +111,15 @@ def extract_lora_tags(prompt: str, errors: list[str]) -> tuple[str, list[LoraTag
     return tidy(TAG.sub(" ", prompt)), tags
 
 
+def _tag_scales(tag: LoraTag, alias: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry keys a tag's weights set, with A1111's defaults: an omitted UNet weight is the text encoders'; an
+    omitted text-encoder weight is the default one (the alias's, else 1.0)."""
+    if tag.te is None and tag.unet is None:
+        return {}
+    te = tag.te if tag.te is not None else alias.get("te_scale", alias.get("scale", 1.0))
+    return {"scale": tag.unet if tag.unet is not None else te, "te_scale": te}
+
+
 def _tag_request(tag: LoraTag, index: int, aliases: Aliases, errors: list[str]) -> LoraRequest | None:
     where = f"prompt {tag.text}"
     problem = None if tag.name in aliases else cache_name_problem(tag.name)
@@ -90,7 +127,7 @@ def _tag_request(tag: LoraTag, index: int, aliases: Aliases, errors: list[str]) 
         errors.append(f"prompt: {tag.text}: a tag names an alias (LORA_ALIASES) or a file in the LoRA cache; "
                       f"{problem} (list URLs and Hugging Face repos in loras)")
         return None
-    entry = {"path": tag.name} if tag.weight is None else {"path": tag.name, "scale": tag.weight}
+    entry = {"path": tag.name, **_tag_scales(tag, aliases.get(tag.name, {}))}
     return parse_entry(index, entry, errors, where=where, aliases=aliases)
 
 

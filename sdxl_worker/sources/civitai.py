@@ -2,8 +2,9 @@
 
 ``GET {CIVITAI_API_BASE}/api/v1/model-versions/{versionId}`` answers with ``baseModel``, ``trainedWords``,
 ``model`` (``name``, ``type``) and ``files`` (``name``, ``type``, ``primary``, ``sizeKB``, ``hashes.SHA256``,
-``metadata.format``, ``downloadUrl``). Refused before any download: a model type other than ``LORA`` or ``LoCon``
-(LoCon files are kohya LoRAs with conv layers; LoHa/LoKr inside them are refused when parsed), a base model outside
+``metadata.format``, ``downloadUrl``). Refused before any download: a model type other than ``LORA``, ``LoCon``,
+``LyCORIS`` or ``DoRA`` (``LORA_MODEL_TYPES``: LoCon files are kohya LoRAs with conv layers; what a LyCORIS or DoRA
+file holds is checked when it is parsed, and a kind without an adapter is refused there by name), a base model outside
 ``SDXL_BASE_MODELS``, a version without a model file, a file over ``LORA_MAX_BYTES`` by ``sizeKB``.
 
 The chosen file is the version's ``Model`` file, a SafeTensor one first, the primary one first among equals. Its
@@ -39,7 +40,7 @@ from sdxl_worker.store.file_checks import choose_extension
 
 SDXL_BASE_MODELS = ("SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo", "SDXL Lightning",
                     "SDXL Hyper", "Pony", "Illustrious", "NoobAI")
-LORA_MODEL_TYPES = ("LORA", "LoCon")
+LORA_MODEL_TYPES = ("LORA", "LoCon", "LyCORIS", "DoRA")
 MAX_JSON_BYTES = 4 * 1024 * 1024
 MAX_TRIGGER_WORDS = 64
 MAX_TRIGGER_WORD_CHARS = 300

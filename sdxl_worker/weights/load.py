@@ -1,7 +1,8 @@
 """Read a cached LoRA file or PEFT folder into per-module weight adapters, with diffusers' own key converters.
 
-Accepted: kohya / A1111 / Civitai files (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*`` with ``.alpha``, sgm block
-names included), diffusers files (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*`` in old and new layouts) and
+Accepted: kohya / A1111 / Civitai / LyCORIS / OneTrainer files (``lora_unet_*``, ``lora_te1_*``, ``lora_te2_*`` with
+``.alpha``, SGM block names included: ``weights.kohya_names`` maps them), diffusers files (``unet.*``,
+``text_encoder.*``, ``text_encoder_2.*`` in old and new layouts) and
 PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``, keys possibly prefixed
 ``base_model.model.``). ``.safetensors`` is read safely; ``.pt``/``.bin``/``.ckpt`` only with
 ``torch.load(weights_only=True)``. LyCORIS types (LoCon/Tucker, LoHa, LoKr, DoRA, full, norm) are read from the
@@ -9,10 +10,13 @@ file's own module names (``split_lycoris``), their module paths found with the s
 adapter (IA3, GLoRA, OFT, BOFT, PEFT DoRA: ``weights.adapters.UNSUPPORTED_TYPES``) raise ``LoraError`` naming the type
 instead of being dropped with a warning.
 
+Every key of a file is applied or the file is refused: a key no adapter reads (a factor without its pair, an
+``alpha`` of a module without factors, a name of no known layout) raises ``LoraError`` naming the key and why.
+
 Steps, in ``load_lora``'s order: read the file, refuse unsupported types, cast, fold each LoRA's ``alpha / rank`` (or
-PEFT's ``lora_alpha / r``) into its up factor (so every pair means ``delta W = up @ down``), convert the keys to PEFT
-layout with diffusers' converters, group the keys per module, build each module's adapter
-(``weights.adapters.ADAPTER_TYPES``).
+PEFT's ``lora_alpha / r``) into its up factor (so every pair means ``delta W = up @ down``), rename kohya keys
+(``weights.kohya_names``), convert the other keys to PEFT layout with diffusers' converters, group the keys per
+module, build each module's adapter (``weights.adapters.ADAPTER_TYPES``), refuse any key left over.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from sdxl_worker.errors import LoraError
 from sdxl_worker.store.file_checks import PEFT_CONFIG, find_peft_weights
 from sdxl_worker.weights.adapters import (KEY_NAMES, LYCORIS_KEY_NAMES, LYCORIS_MARKERS, WeightAdapter, adapter_for,
                                           refuse_unsupported, refuse_unsupported_peft)
+from sdxl_worker.weights.kohya_names import convert_kohya_keys
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 COMPONENTS = ("unet", *TEXT_ENCODERS)
@@ -41,7 +46,7 @@ _DOWN_SUFFIXES = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight", ".
 _UP_OF_DOWN = {".lora_down.weight": ".lora_up.weight", ".lora.down.weight": ".lora.up.weight",
                ".lora_A.weight": ".lora_B.weight", ".lora_linear_layer.down.weight": ".lora_linear_layer.up.weight"}
 _FACTOR_SUFFIXES = (*_DOWN_SUFFIXES, *_UP_OF_DOWN.values())
-_SHOWN_KEYS = 3
+_SHOWN_KEYS = 5
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
@@ -52,7 +57,6 @@ class ParsedLora:
 
     sha256: str  # content identity: the weights' sha256 (plus the adapter config's hash for PEFT folders)
     components: dict[str, dict[str, WeightAdapter]]
-    unmatched_keys: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -192,7 +196,8 @@ def refuse_non_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
 
 
 def fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Multiply each up factor by ``alpha / rank`` in place and drop the ``.alpha`` keys."""
+    """Multiply each up factor by ``alpha / rank`` in place and drop the ``.alpha`` keys; an ``.alpha`` of a module
+    without both factors stays (and is refused as a key no adapter reads)."""
     folded = dict(state)
     alpha_keys = [key for key in state if key.endswith(".alpha")]
     if not alpha_keys:
@@ -202,11 +207,11 @@ def fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, alpha in zip(alpha_keys, alphas):
         base = key[: -len(".alpha")]
         down_key = next((base + s for s in _DOWN_SUFFIXES if base + s in folded), None)
-        if down_key is None:
+        up_key = down_key and base + _UP_OF_DOWN[down_key[len(base):]]
+        if up_key not in folded:
+            folded[key] = state[key]
             continue
-        up_key = base + _UP_OF_DOWN[down_key[len(base):]]
-        if up_key in folded:
-            folded[up_key].mul_(alpha / folded[down_key].shape[0])
+        folded[up_key].mul_(alpha / folded[down_key].shape[0])
     return folded
 
 
@@ -280,6 +285,22 @@ def _adapters(groups: Mapping[str, Mapping[str, torch.Tensor]], device: torch.de
     return adapters, unread
 
 
+def _why_unread(key: str) -> str:
+    if key.endswith(".alpha"):
+        return "an alpha of a module without lora_down/lora_up factors"
+    if key.endswith(KEY_NAMES):
+        return "a factor without the rest of its adapter"
+    return "a weight of no adapter type this worker applies"
+
+
+def refuse_unread(name: str, keys: list[str]) -> None:
+    """Raise ``LoraError`` naming the keys of the file ``name`` that no adapter reads, and why, if there are any."""
+    if keys:
+        shown = "; ".join(f"{key!r} ({_why_unread(key)})" for key in sorted(keys)[:_SHOWN_KEYS])
+        more = f" and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else ""
+        raise LoraError(f"{name}: {len(keys)} key(s) would not be applied, so the file is refused: {shown}{more}")
+
+
 def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> ParsedLora:
     """Parse the LoRA at ``path`` (file or PEFT folder) into adapters on ``device`` in ``dtype``.
@@ -294,8 +315,8 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
     state = cast_factors(state, device, dtype)
     refuse_non_finite(state, path.name)
     plain, lycoris = split_lycoris(state)
-    converted = StableDiffusionXLPipeline.lora_state_dict(fold_alphas(plain), unet_config=unet_config)[0] \
-        if plain else {}
+    converted = StableDiffusionXLPipeline.lora_state_dict(convert_kohya_keys(fold_alphas(plain), unet_config),
+                                                          unet_config=unet_config)[0] if plain else {}
     components: dict[str, dict[str, WeightAdapter]] = {}
     unmatched: list[str] = []
     for component in COMPONENTS:
@@ -319,4 +340,5 @@ def load_lora(path: Path, sha256: str, unet_config: dict | None = None, device: 
     if not any(components.values()):
         raise LoraError(f"{path.name} holds no LoRA weights for an SDXL UNet or text encoder "
                         f"({len(state)} tensors, e.g. {sorted(state)[0]!r})")
-    return ParsedLora(sha256=sha256, components=components, unmatched_keys=sorted(unmatched))
+    refuse_unread(path.name, unmatched)
+    return ParsedLora(sha256=sha256, components=components)

@@ -268,5 +268,5 @@ def metadata_of(item: ResolvedLora) -> LoraMetadata:
 
 
 def job_trigger_words(resolved: Iterable[ResolvedLora]) -> tuple[str, ...]:
-    """The trigger words of a job's LoRAs that have a non-zero scale, in job order, each once."""
-    return merge_trigger_words(*(metadata_of(item).trigger_words for item in resolved if item.request.scale != 0))
+    """The trigger words of a job's LoRAs with a non-zero scale (UNet or text encoders), in job order, each once."""
+    return merge_trigger_words(*(metadata_of(item).trigger_words for item in resolved if not item.request.is_off))

@@ -6,6 +6,8 @@ once to the weight's dtype, and swapped in as the parameter's data; the original
 ``restore`` swaps the originals back: no arithmetic, no copy, so the weights are exactly the loaded ones again
 however many jobs ran (unlike ``unfuse_lora``'s subtraction). The modules stay plain ``nn.Linear``/``nn.Conv2d``, so
 denoising steps cost what they cost without LoRAs. Extra memory while a job runs: one tensor per touched weight.
+Each LoRA has one scale for the UNet and one for the text encoders (``ScaledLora``); a component at scale 0 is not
+touched, so a LoRA at scale 0 everywhere leaves the pipeline bit for bit as it was.
 
 The fused tensors of the last LoRA set are kept after ``restore`` (``reuse_fused``): a job with the same LoRAs at the
 same scales swaps them in again without computing anything. They are the same bits a recomputation would give, and
@@ -39,11 +41,19 @@ _SHOWN_PROBLEMS = 3
 
 @dataclass(frozen=True)
 class ScaledLora:
-    """One LoRA of a job: its parsed weights, the scale to fuse it at, and the label its report and errors name."""
+    """One LoRA of a job: its parsed weights, the scales to fuse it at (``scale`` for the UNet, ``te_scale`` for the
+    text encoders, ``None``: the same as ``scale``), and the label its report and errors name."""
 
     lora: ParsedLora
     scale: float
     label: str
+    te_scale: float | None = None
+
+    def scale_of(self, component: str) -> float:
+        """The scale ``component`` (``unet``, ``text_encoder``, ``text_encoder_2``) is fused at."""
+        if component == "unet" or self.te_scale is None:
+            return float(self.scale)
+        return float(self.te_scale)
 
 
 @dataclass
@@ -52,15 +62,14 @@ class ApplyReport:
 
     label: str
     modules_patched: dict[str, int]
-    unmatched_keys: list[str]
     type: str | dict[str, str | dict[str, int]] = "lora"
     apply_ms: float = 0.0
     skipped_zero_scale: bool = False
     reused_fused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "modules_patched": self.modules_patched, "unmatched_keys": self.unmatched_keys,
-                "apply_ms": round(self.apply_ms, 2), "skipped_zero_scale": self.skipped_zero_scale,
+        return {"type": self.type, "modules_patched": self.modules_patched, "apply_ms": round(self.apply_ms, 2),
+                "skipped_zero_scale": self.skipped_zero_scale,
                 "reused_fused": self.reused_fused}
 
 
@@ -211,17 +220,17 @@ class LoraPatcher:
         mapped = [self.check(item.lora, item.label) for item in loras]
         reports, targets = [], {}
         for item, modules in zip(loras, mapped):
-            counts = {component: len(found) for component, found in modules.items()}
-            reports.append(ApplyReport(item.label, counts, list(item.lora.unmatched_keys), lora_type(item.lora),
-                                       skipped_zero_scale=item.scale == 0))
-            if item.scale == 0:
-                continue
-            for component, found in modules.items():
+            # A part at scale 0 is left untouched; a LoRA at scale 0 everywhere changes nothing.
+            active = {component: found for component, found in modules.items() if item.scale_of(component) != 0}
+            counts = {component: len(found) for component, found in (active or modules).items()}
+            reports.append(ApplyReport(item.label, counts, lora_type(item.lora), skipped_zero_scale=not active))
+            for component, found in active.items():
                 for path, module in found.items():
                     target = targets.setdefault(id(module), _Target(module, f"{component}.{path}"))
-                    target.parts.append((item.lora.components[component][path], float(item.scale)))
+                    target.parts.append((item.lora.components[component][path], item.scale_of(component)))
                     target.labels.append(item.label)
-        key = tuple((item.lora.sha256, float(item.scale)) for item in loras if item.scale != 0)
+        key = tuple((item.lora.sha256, *(item.scale_of(component) for component in COMPONENTS)) for item in loras
+                    if any(item.scale_of(component) != 0 for component in item.lora.components))
         reused = self.reuse_fused and key == self._kept_key and bool(self._kept)
         buffers = self._take_buffers() if targets and not reused else {}
         start = time.perf_counter()
@@ -260,8 +269,8 @@ class LoraPatcher:
             share = 0 if report.skipped_zero_scale else sum(report.modules_patched.values()) / patched
             report.apply_ms = elapsed_ms * share
             report.reused_fused = reused
-            LOG.info("LoRA %s: patched %s, %d unmatched key(s), %.1f ms%s", report.label, report.modules_patched,
-                     len(report.unmatched_keys), report.apply_ms, " (same set as last job: reused)" if reused else "")
+            LOG.info("LoRA %s: patched %s, %.1f ms%s", report.label, report.modules_patched, report.apply_ms,
+                     " (same set as last job: reused)" if reused else "")
         return reports
 
     @torch.no_grad()

@@ -110,7 +110,7 @@ class LoraSession:
         if self.first_unet is not self.patcher.components.get("unet"):
             return False, "in order: the UNet that denoises first (the refiner's) carries no LoRA"
         text_encoder_lora = next((item.request for item in self.resolved
-                                  if item.request.scale != 0 and may_patch_text_encoders(item.path)), None)
+                                  if item.request.te_scale != 0 and may_patch_text_encoders(item.path)), None)
         if text_encoder_lora is not None:
             return False, (f"in order: {self.shown(text_encoder_lora)} may patch a text encoder, so the LoRAs are "
                            "applied before the prompt is encoded (rather than encoding the prompt again after them)")
@@ -128,7 +128,7 @@ class LoraSession:
         self._apply()
 
     def _apply(self) -> None:
-        loras = [ScaledLora(item.parsed, item.resolved.request.scale, self.shown(item.resolved.request))
-                 for item in self._loaded]
+        loras = [ScaledLora(item.parsed, item.resolved.request.scale, self.shown(item.resolved.request),
+                            te_scale=item.resolved.request.te_scale) for item in self._loaded]
         with self.phase("lora_apply"):
             self._reports = self.patcher.apply(loras)
