@@ -55,8 +55,8 @@ def report_types(report) -> set[str]:
 def test_each_type_matches_the_trainers_reference_merge_within_one_level(pipe, tmp_path, case):
     algo, options, std, types = CASES[case]
     path = write_lycoris(pipe, tmp_path / f"{case}.safetensors", algo, seed=len(case), std=std, **options)
-    lora = load_lora(path, sha256=case, unet_config=pipe.unet.config)
-    assert not lora.unmatched_keys
+    lora = load_lora(path, sha256=case, unet_config=pipe.unet.config)  # refuses the file if any key is left unread
+    assert lora.module_count > 0
     weights = snapshot(pipe)
     baseline = render(pipe)
     with LoraPatcher(pipe).applied([ScaledLora(lora, 0.8, case)]) as reports:

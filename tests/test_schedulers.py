@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+import handler
+from sdxl_worker.generation.prompt_encoding import needs_encoding
 from sdxl_worker.generation.schedulers import A1111, COMFY_SAMPLERS, COMFY_SCHEDULES, WORKER_SDXL
-from tests.support.worker_env import PROJECT_ROOT, image_from_png, png_from_data_uri, run_through_sdk, small_job
+from tests.support.worker_env import (PROJECT_ROOT, SMALL_JOB, image_from_png, png_from_data_uri, run_through_sdk,
+                                      small_job)
 
 README = (PROJECT_ROOT / "README.md").read_text()
 ROW = re.compile(r"^\| `([^`]+)` \| `([^`]+)` \| `(\{.*\})` \|$", re.MULTILINE)
@@ -151,6 +154,14 @@ def test_existing_requests_keep_their_bytes(worker_handler):
         jobs["tests.json-" + test["name"]] = {**{k: v for k, v in test["input"].items() if k != "loras"},
                                               "height": 64, "width": 64}
     assert set(jobs) == set(reference)
+    pipe = handler.get_worker().pipes.base
     for name, job in jobs.items():
         images = run_through_sdk(worker_handler, job)["output"]["images"]
-        assert [hashlib.sha256(image.encode()).hexdigest() for image in images] == reference[name], name
+        hashes = [hashlib.sha256(image.encode()).hexdigest() for image in images]
+        if needs_encoding(pipe, job["prompt"], job.get("negative_prompt"), None):
+            # Past 77 tokens on the tiny model's small-vocabulary tokenizer (95 for tests.json's first prompt): the
+            # reference was cut at 77 tokens, the prompt is now encoded whole in chunks (test_prompt_encoding.py).
+            assert hashes != reference[name], name
+        else:
+            assert hashes == reference[name], name
+    assert not needs_encoding(pipe, SMALL_JOB["prompt"], SMALL_JOB["negative_prompt"], None)

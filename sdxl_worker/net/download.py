@@ -185,11 +185,26 @@ def check_status(response: requests.Response, url: str, settings: CacheSettings)
         raise LoraError(_status_message(status, url, settings))
 
 
+class _BrokenBody(Exception):
+    """Reading the body failed (``cause``): the connection, not the disk."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _body(response: requests.Response, pace: Pace) -> Iterator[bytes]:
-    """The body as it arrives, up to ``CHUNK_BYTES`` a read, ``pace`` checked after every read."""
+    """The body as it arrives, up to ``CHUNK_BYTES`` a read, ``pace`` checked after every read; a failed read is a
+    ``_BrokenBody`` (so a failed write of the caller, disk full for one, is never taken for a broken download)."""
     pace.start_body()
     done = 0
-    while data := response.raw.read1(CHUNK_BYTES, decode_content=True):
+    while True:
+        try:
+            data = response.raw.read1(CHUNK_BYTES, decode_content=True)
+        except (HTTPError, OSError) as error:
+            raise _BrokenBody(error) from None
+        if not data:
+            return
         done += len(data)
         yield data
         pace.check_body(done)
@@ -219,11 +234,11 @@ def _attempt(session: requests.Session, url: str, target: Path, settings: CacheS
                         progress(done, total)
             except TooSlow as error:
                 raise Retryable(str(error)) from None
-            except (HTTPError, OSError) as error:
+            except _BrokenBody as broken:
                 received = max(done, response.raw.tell())  # bytes of a chunk cut short count too
                 expected = f" of {format_size(total)}" if total is not None else ""
                 raise Retryable(f"the download broke off after {format_size(received)}{expected}: "
-                                f"{_broken_body_cause(error)}") from None
+                                f"{_broken_body_cause(broken.cause)}") from None
             if total is not None and done != total:
                 raise Retryable(f"the body ended after {done} of {total} bytes")
     return DownloadInfo(size=done, sha256=sink.sha256,
