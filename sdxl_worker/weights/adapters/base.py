@@ -66,6 +66,11 @@ class WeightAdapter(ABC):
         """The rank of a low-rank type; None where the type has none."""
         return None
 
+    def delta_bound(self) -> torch.Tensor | None:
+        """A 0-d float32 tensor bounding ``|delta W|`` elementwise at scale 1, or None where the type has none (the
+        patcher then checks the fused weight whole for overflow)."""
+        return None
+
     def fused_alone(self, weight: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` updated by this adapter alone at ``scale``, in ``weight``'s dtype and shape (``weight`` is only
         read), written into ``out`` when given. A type with a faster exact path overrides this."""

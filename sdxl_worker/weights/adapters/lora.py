@@ -84,3 +84,7 @@ class LoraAdapter(WeightAdapter):
     def rank(self) -> int:
         """The inner dimension of ``up @ down``."""
         return self.down.shape[0]
+
+    def delta_bound(self) -> torch.Tensor:
+        """``|up @ down| <= rank * max|up| * max|down|``, elementwise."""
+        return self.up.abs().amax().float() * self.down.abs().amax().float() * self.rank
